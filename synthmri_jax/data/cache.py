@@ -1,0 +1,86 @@
+"""The prepared cohort in WORKDIR/data: what `prepare` writes and every later stage reads.
+
+Layout (the contract between the data layer and everything after it):
+
+  WORKDIR/data/cohort.tsv     one row per scan: participant_id, session_id, label, label_index,
+                              age, sex, split, image, mask  (image/mask: paths relative to
+                              WORKDIR/data; mask empty when the cohort has none)
+  WORKDIR/data/cache/*.npy    image: float32 (X, Y, Z, C), RAS+ voxel order, channels last;
+                              mask:  uint8 (X, Y, Z)
+  WORKDIR/data/prepared.json  geometry and provenance: shape, spacing_mm, affine (4x4),
+                              channels, labels, normalization, splits (counts), config_hash,
+                              complete=true once every row is cached
+  WORKDIR/data/bad_files.tsv  rows skipped with data.on_bad_file=skip, with the problem
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthmri_jax.utils import io
+
+SPLITS = ("train", "val", "test", "holdout")
+TABLE_COLUMNS = ("participant_id", "session_id", "label", "label_index", "age", "sex", "split", "image", "mask")
+
+
+def data_dir(workdir: str) -> str:
+  return os.path.join(workdir, "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedCohort:
+  """Read-only view of a prepared cohort."""
+
+  root: str                 # WORKDIR/data
+  table: pd.DataFrame
+  meta: dict[str, Any]
+
+  @property
+  def labels(self) -> list[str]:
+    return list(self.meta["labels"])
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.meta["shape"])
+
+  @property
+  def channels(self) -> list[str]:
+    return list(self.meta["channels"])
+
+  @property
+  def affine(self) -> np.ndarray:
+    return np.asarray(self.meta["affine"], dtype=np.float64)
+
+  @property
+  def has_masks(self) -> bool:
+    return bool(self.table["mask"].fillna("").astype(str).str.len().gt(0).any())
+
+  def split(self, name: str) -> pd.DataFrame:
+    if name not in SPLITS:
+      raise ValueError(f"unknown split {name!r}; known: {SPLITS}")
+    return self.table[self.table["split"] == name].reset_index(drop=True)
+
+  def load_image(self, row, mmap: bool = False) -> np.ndarray:
+    return np.load(os.path.join(self.root, row["image"]), mmap_mode="r" if mmap else None)
+
+  def load_mask(self, row) -> np.ndarray | None:
+    rel = row.get("mask", "")
+    if not isinstance(rel, str) or not rel:
+      return None
+    return np.load(os.path.join(self.root, rel))
+
+
+def load_prepared(workdir: str) -> PreparedCohort:
+  """Opens WORKDIR/data; a clear error when `prepare` has not completed there."""
+  root = data_dir(workdir)
+  meta = io.read_json(os.path.join(root, "prepared.json"))
+  if not meta or not meta.get("complete"):
+    raise FileNotFoundError(f"{root}: no complete prepared cohort; run the 'prepare' stage first")
+  table = pd.read_csv(os.path.join(root, "cohort.tsv"), sep="\t", dtype={"participant_id": str, "session_id": str},
+                      keep_default_na=False)
+  return PreparedCohort(root=root, table=table, meta=meta)

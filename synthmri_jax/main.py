@@ -1,0 +1,59 @@
+"""One entry point: python -m synthmri_jax.main --config configs/<x>.py --workdir DIR.
+
+Every config field can be overridden (`--config.data.spacing_mm=3`). Unknown keys and unknown
+stages are errors before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from synthmri_jax import stages as stages_lib
+from synthmri_jax.utils import io
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of this run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def config_hash(config) -> str:
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = os.path.abspath(_WORKDIR.value)
+  try:
+    names = stages_lib.parse_stages(config.stages)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  os.makedirs(workdir, exist_ok=True)
+  resolved = json.loads(config.to_json(sort_keys=True))
+  io.write_json_atomic(os.path.join(workdir, "config.json"), {"config": resolved, "config_hash": config_hash(config)})
+  logging.info("workdir %s, stages %s, config hash %s", workdir, ",".join(names), config_hash(config))
+  timings = io.read_json(os.path.join(workdir, "timings.json"), default={})
+  for i, name in enumerate(names, 1):
+    print(f"[{i}/{len(names)}] stage {name} ...", flush=True)
+    t0 = time.time()
+    stages_lib.get_stage(name)(config, workdir)
+    dt = time.time() - t0
+    timings[name] = round(dt, 2)
+    io.write_json_atomic(os.path.join(workdir, "timings.json"), timings)
+    print(f"[{i}/{len(names)}] stage {name} done in {dt:.1f} s", flush=True)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
