@@ -51,8 +51,18 @@ def main(argv):
     print(f"[{i}/{len(names)}] stage {name} done in {dt:.1f} s", flush=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but an unknown `--config.x.y` override is one clear line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    sys.exit(f"FATAL config error: unknown config key {e} (overrides given: {', '.join(overrides) or 'none'}); "
+             "see the config file for the fields that exist")
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

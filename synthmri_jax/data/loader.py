@@ -1,0 +1,353 @@
+"""grain input pipeline: prepared cohort (or any random-access source) -> host-local batches -> global jax.Arrays.
+
+Sources (random access, `len(src)` and `src[i] -> dict[str, np.ndarray]`; picklable):
+  CohortSource(prepared, split, mmap=False)  one split of a prepared cohort (see data/cache.py); elements:
+                                             image float32 (X,Y,Z,C), label int32, age float32 (NaN if
+                                             unknown), sex int32 (0=F, 1=M), mask uint8 (X,Y,Z) when the
+                                             cohort has masks
+  ArraySource(arrays)                        a dict of equal-length arrays (cached latents, toy data); row i
+                                             is {key: arrays[key][i]}
+The pipeline adds `index` (int32 row index in the source; -1 for eval padding) and `valid` (bool).
+
+Pipelines (every process builds the same global stream; only the slice it takes differs):
+  train_iterator(source, global_batch_size, seed, *, augment=None, num_epochs=None,
+                 process_index=None, process_count=None, read_options=None) -> grain.DatasetIterator
+      Global stream = epoch 0 shuffled, epoch 1 shuffled differently, ... (forever when num_epochs is
+      None). Process p takes stream positions p, p+P, p+2P, ...; its batches hold global_batch_size // P
+      of them, so global step s is exactly stream positions [s*G, (s+1)*G) whatever the process count,
+      and every example of an epoch is seen exactly once across processes. Batches run across epoch
+      boundaries; with finite num_epochs the stream is cut to a multiple of G so every host yields the
+      same number of full batches. Augmentation randomness is keyed on the stream position: it is
+      reproducible, differs per epoch and does not depend on the process count.
+  eval_iterator(source, global_batch_size, *, process_index=None, process_count=None,
+                read_options=None) -> grain.DatasetIterator
+      One pass in source order, padded with zero elements (valid=False, index=-1) to a multiple of G, so
+      every example is evaluated exactly once: weight per-example results with batch['valid'].
+  Augment(intensity_jitter, flip_axes); Augment.from_config(config.data)
+      Per channel: image * U(1-j, 1+j) + U(-j, j); each spatial axis in flip_axes flipped with p=1/2
+      (mask flipped identically). Applied to the 'image' and 'mask' keys only.
+  make_global_batch(batch, mesh) -> dict[str, jax.Array]
+      Host-local numpy batch -> global arrays sharded over ('data', 'fsdp') on the batch dimension.
+
+Checkpointing the iterator: `it.get_state()` is a small JSON-able dict; `it.set_state(state)` on a freshly
+built iterator with the same arguments resumes exactly (the next batches are bitwise the ones that would
+have come). Through orbax: `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` (one file per
+process). Save the state of the batches the trainer has *consumed*: a device-prefetch wrapper that reads
+ahead would save a state past them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from synthmri_jax.data.cache import PreparedCohort
+
+Element = dict[str, np.ndarray]
+BATCH_AXES = ("data", "fsdp")
+_SEX_CODES = {"f": 0, "female": 0, "0": 0, "m": 1, "male": 1, "1": 1}
+_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
+
+
+class Source(Protocol):
+  """What the pipeline reads: random access to per-example dicts of numpy arrays."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Element: ...
+
+
+# ---------------------------------------------------------------- sources
+
+
+class CohortSource:
+  """One split of a prepared cohort, read from the npy cache (never NIfTI)."""
+
+  def __init__(self, prepared: PreparedCohort, split: str, *, mmap: bool = False):
+    rows = prepared.split(split)
+    if len(rows) == 0:
+      raise ValueError(f"{prepared.root}: split {split!r} is empty")
+    self.root = prepared.root
+    self.split = split
+    self.mmap = mmap
+    self.images = [str(p) for p in rows["image"]]
+    masks = [str(m) if isinstance(m, str) else "" for m in rows["mask"]]
+    with_mask = [bool(m) for m in masks]
+    if any(with_mask) and not all(with_mask):
+      missing = [rows["participant_id"][i] for i, ok in enumerate(with_mask) if not ok]
+      raise ValueError(f"{prepared.root}: split {split!r} has masks for some scans but not for {missing}; "
+                       "a batch needs a mask for every scan or for none")
+    self.masks = masks if all(with_mask) else None
+    self.labels = rows["label_index"].astype(np.int32).to_numpy()
+    self.ages = np.asarray(
+        [float(a) if str(a).strip() not in ("", "nan", "NaN", "n/a") else np.nan for a in rows["age"]], np.float32)
+    sexes, bad = [], []
+    for pid, s in zip(rows["participant_id"], rows["sex"]):
+      code = _SEX_CODES.get(str(s).strip().lower())
+      if code is None:
+        bad.append(f"{pid}: {s!r}")
+      sexes.append(-1 if code is None else code)
+    if bad:
+      raise ValueError(f"{prepared.root}: sex must be F/M (or female/male, 0/1); bad rows: {bad}")
+    self.sexes = np.asarray(sexes, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> Element:
+    mode = "r" if self.mmap else None
+    element = {
+        "image": np.load(os.path.join(self.root, self.images[index]), mmap_mode=mode).astype(np.float32, copy=False),
+        "label": self.labels[index],
+        "age": self.ages[index],
+        "sex": self.sexes[index],
+    }
+    if self.masks is not None:
+      element["mask"] = np.load(os.path.join(self.root, self.masks[index]), mmap_mode=mode).astype(np.uint8, copy=False)
+    return element
+
+  def __repr__(self) -> str:
+    return f"CohortSource(root={self.root!r}, split={self.split!r}, n={len(self)})"
+
+
+class ArraySource:
+  """Rows of a dict of equal-length arrays (np arrays or np.load(..., mmap_mode='r') memmaps)."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    if not arrays:
+      raise ValueError("ArraySource needs at least one array")
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"ArraySource arrays differ in length: {lengths}")
+    if next(iter(lengths.values())) == 0:
+      raise ValueError("ArraySource arrays are empty")
+    self.arrays = dict(arrays)
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index: int) -> Element:
+    return {k: np.asarray(v[index]) for k, v in self.arrays.items()}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(keys={sorted(self.arrays)}, n={len(self)})"
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Light, label-preserving augmentation; a grain RandomMap so its randomness is part of the pipeline state."""
+
+  intensity_jitter: float = 0.0
+  flip_axes: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if not 0.0 <= self.intensity_jitter < 1.0:
+      raise ValueError(f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
+    bad = [a for a in self.flip_axes if a not in (0, 1, 2)]
+    if bad or len(set(self.flip_axes)) != len(self.flip_axes):
+      raise ValueError(f"flip_axes must be distinct spatial axes among 0, 1, 2 (X, Y, Z), got {self.flip_axes}")
+
+  @classmethod
+  def from_config(cls, data_cfg: Any) -> Augment:
+    """From config.data: intensity_jitter (float) and flip_axes ("" / "0" / "0,2" or a sequence of ints)."""
+    axes = data_cfg.flip_axes
+    if isinstance(axes, str):
+      axes = [a for a in axes.replace(" ", "").split(",") if a]
+    try:
+      parsed = tuple(int(a) for a in axes)
+    except ValueError as e:
+      raise ValueError(f"config.data.flip_axes: expected comma-separated axes among 0,1,2, got {data_cfg.flip_axes!r}") from e
+    return cls(intensity_jitter=float(data_cfg.intensity_jitter), flip_axes=parsed)
+
+  @property
+  def is_identity(self) -> bool:
+    return self.intensity_jitter == 0.0 and not self.flip_axes
+
+  def __call__(self, element: Element, rng: np.random.Generator) -> Element:
+    out = dict(element)
+    image = element["image"]
+    flips = tuple(a for a in self.flip_axes if rng.random() < 0.5)
+    if flips:
+      image = np.flip(image, axis=flips)
+      if "mask" in element:
+        out["mask"] = np.ascontiguousarray(np.flip(element["mask"], axis=flips))
+    if self.intensity_jitter > 0.0:
+      j = self.intensity_jitter
+      channels = image.shape[-1]
+      gain = rng.uniform(1.0 - j, 1.0 + j, size=channels).astype(np.float32)
+      offset = rng.uniform(-j, j, size=channels).astype(np.float32)
+      image = image * gain
+      image += offset
+    out["image"] = np.ascontiguousarray(image, dtype=np.float32)
+    return out
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1:
+    raise ValueError(f"global batch size must be >= 1, got {global_batch_size}")
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count "
+                     f"{process_count}; every host needs an equal share")
+  return global_batch_size // process_count
+
+
+def steps_per_epoch(source: Source, global_batch_size: int) -> float:
+  """Training steps for one pass over the source (fractional: batches run across epoch boundaries)."""
+  return len(source) / global_batch_size
+
+
+def eval_num_batches(source: Source, global_batch_size: int) -> int:
+  return -(-len(source) // global_batch_size)
+
+
+def _derive_seed(seed: int, tag: int) -> int:
+  """Decorrelated 32-bit seeds: grain's shuffle uses seed+epoch, so raw seeds s and s+1 would share epochs."""
+  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, tag]).generate_state(1, np.uint32)[0])
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count})")
+  return index, count
+
+
+def _default_read_options(batch: int) -> grain.ReadOptions:
+  # Bounded prefetch: at 1 mm a volume is ~20 MB, grain's default buffer of 500 would hold 10 GB.
+  return grain.ReadOptions(num_threads=min(8, max(2, batch)), prefetch_buffer_size=max(4, 2 * batch))
+
+
+class _AddIndex(grain.transforms.MapWithIndex):
+  """Adds the source row (indices past one epoch wrap around) and valid=True; a class so it pickles."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def map_with_index(self, index: int, element: Element) -> Element:
+    return {**element, "index": np.int32(index % self.n), "valid": np.bool_(True)}
+
+
+def _with_index(source: Source) -> grain.MapDataset:
+  return grain.MapDataset.source(source).map_with_index(_AddIndex(len(source)))
+
+
+def train_dataset(source: Source, global_batch_size: int, seed: int, *, augment: Augment | None = None,
+                  num_epochs: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None,
+                  read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """The training pipeline of this process as a grain.IterDataset (see the module docstring)."""
+  p, count = _processes(process_index, process_count)
+  batch = per_host_batch_size(global_batch_size, count)
+  ds = _with_index(source).shuffle(seed=_derive_seed(seed, _SHUFFLE_TAG)).repeat(num_epochs)
+  if augment is not None and not augment.is_identity:
+    ds = ds.random_map(augment, seed=_derive_seed(seed, _AUGMENT_TAG))
+  if num_epochs is not None:
+    usable = len(ds) // global_batch_size * global_batch_size
+    if usable == 0:
+      raise ValueError(f"{num_epochs} epoch(s) of {len(source)} examples make no full global batch of "
+                       f"{global_batch_size}")
+    ds = ds[:usable]
+  ds = ds[p::count]
+  return ds.to_iter_dataset(read_options or _default_read_options(batch)).batch(batch, drop_remainder=True)
+
+
+def train_iterator(source: Source, global_batch_size: int, seed: int, *, augment: Augment | None = None,
+                   num_epochs: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None,
+                   read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Iterator over this host's training batches; checkpoint it with get_state()/set_state()."""
+  return iter(train_dataset(source, global_batch_size, seed, augment=augment, num_epochs=num_epochs,
+                            process_index=process_index, process_count=process_count, read_options=read_options))
+
+
+class _PaddedSource:
+  """The source followed by zero elements up to `length`; pads carry valid=False, index=-1."""
+
+  def __init__(self, source: Source, length: int):
+    self.source = source
+    self.length = length
+    self.n = len(source)
+    self.pad = {k: np.zeros_like(v) for k, v in source[0].items()}
+    self.pad.update(index=np.int32(-1), valid=np.bool_(False))
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> Element:
+    if index < self.n:
+      return {**self.source[index], "index": np.int32(index), "valid": np.bool_(True)}
+    return dict(self.pad)
+
+
+def eval_dataset(source: Source, global_batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None,
+                 read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """One ordered, padded pass (see the module docstring)."""
+  p, count = _processes(process_index, process_count)
+  batch = per_host_batch_size(global_batch_size, count)
+  padded = _PaddedSource(source, eval_num_batches(source, global_batch_size) * global_batch_size)
+  ds = grain.MapDataset.source(padded)[p::count]
+  return ds.to_iter_dataset(read_options or _default_read_options(batch)).batch(batch, drop_remainder=True)
+
+
+def eval_iterator(source: Source, global_batch_size: int, *, process_index: int | None = None,
+                  process_count: int | None = None,
+                  read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Iterator over this host's evaluation batches; every host yields eval_num_batches() of them."""
+  return iter(eval_dataset(source, global_batch_size, process_index=process_index,
+                           process_count=process_count, read_options=read_options))
+
+
+# ---------------------------------------------------------------- global arrays
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch dimension over ('data', 'fsdp'), the rest replicated (mesh.LOGICAL_AXIS_RULES 'batch')."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def make_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local batch (leading dim global_batch // process_count) -> global jax.Arrays on the mesh.
+
+  Every process must call this with its own batch of the same shape at the same step.
+  """
+  sharding = batch_sharding(mesh)
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  out = {}
+  for key, local in batch.items():
+    local = np.asarray(local)
+    if local.ndim == 0:
+      raise ValueError(f"batch[{key!r}] is a scalar; every leaf needs a leading batch dimension")
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    if global_shape[0] % shards:
+      raise ValueError(f"global batch {global_shape[0]} is not divisible by the {shards} shards of mesh axes "
+                       f"{BATCH_AXES} {dict(mesh.shape)}")
+    out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+  return out
+
+
+def global_batches(iterator: Any, mesh: Mesh) -> Any:
+  """Yields make_global_batch(b, mesh) for b in iterator (no read-ahead, so the iterator's state stays exact)."""
+  for batch in iterator:
+    yield make_global_batch(batch, mesh)
+
+
+__all__ = [
+    "ArraySource", "Augment", "BATCH_AXES", "CohortSource", "Source", "batch_sharding", "eval_dataset",
+    "eval_iterator", "eval_num_batches", "global_batches", "make_global_batch", "per_host_batch_size",
+    "steps_per_epoch", "train_dataset", "train_iterator",
+]
