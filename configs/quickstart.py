@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.flip_axes = ""             # augmentation: e.g. "0" flips left-right; empty: no flips (brains are not symmetric)
   d.intensity_jitter = 0.05    # augmentation: random gain/offset amplitude
   d.shuffle_seed = 0
+  d.num_workers = 2            # processes for `prepare` (reading, resampling, writing the cache)
 
   # The simulated cohort built from nilearn's MNI152 template (used when cohort_tsv is empty).
   e = d.embedded = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from synthmri_jax import stages as stages_lib
 from synthmri_jax.utils import io
+from synthmri_jax.utils.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of this run.")
@@ -44,7 +45,10 @@ def main(argv):
   for i, name in enumerate(names, 1):
     print(f"[{i}/{len(names)}] stage {name} ...", flush=True)
     t0 = time.time()
-    stages_lib.get_stage(name)(config, workdir)
+    try:
+      stages_lib.get_stage(name)(config, workdir)
+    except UserInputError as e:  # bad cohort, stale cache, ...: the message is the whole story
+      sys.exit(f"FATAL stage {name}: {e}")
     dt = time.time() - t0
     timings[name] = round(dt, 2)
     io.write_json_atomic(os.path.join(workdir, "timings.json"), timings)

@@ -19,6 +19,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=directory)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual umask mode
   try:
     yield tmp
     os.replace(tmp, path)
@@ -26,6 +27,12 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_text_atomic(path: str, text: str) -> None:
