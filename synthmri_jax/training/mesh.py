@@ -1,13 +1,23 @@
 """The device mesh (Auto axes: GSPMD propagates shardings from the annotations) and the one table that maps logical axis names to mesh axes.
 
-Models annotate parameters (nn.with_logical_partitioning) and activations
-(nn.with_logical_constraint) with the logical names below; nothing else in the code base
-names a mesh axis.
+Models annotate parameters (nn.with_logical_partitioning) and activations (`constrain`
+below, or nn.with_logical_constraint) with the logical names below; nothing else in the
+code base names a mesh axis.
+
+Why our own resolver (`logical_to_spec`) rather than flax's nn.logical_to_mesh_sharding:
+the same model runs on meshes of any shape, so a dimension that a mesh axis does not
+divide (3 input channels over fsdp=2, a batch of 6 over 4 devices) must fall back to
+replication on that axis instead of failing to compile; and a name may repeat within one
+array (a conv kernel's three 'conv_spatial' dimensions), which flax rejects.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -54,3 +64,107 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {sizes[0]*sizes[1]*sizes[2]} devices, have {n}")
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+class _AllData:
+  """Mesh block used when a config has none: every device on 'data'."""
+  data, fsdp, tensor = -1, 1, 1
+
+
+def mesh_from_config(config=None, devices=None) -> jax.sharding.Mesh:
+  """make_mesh(config.mesh), or all devices on 'data' when the config has no mesh block."""
+  block = config.get("mesh", None) if config is not None else None
+  return make_mesh(block if block is not None else _AllData(), devices=devices)
+
+
+def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
+  out = {}
+  for name, axes in rules:
+    if name not in out:  # first rule wins, as in flax
+      out[name] = _as_axes(axes)
+  return out
+
+
+def _as_axes(axes) -> tuple[str, ...]:
+  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def _fit(axes_per_dim: Sequence[tuple[str, ...]], shape: Sequence[int], axis_sizes: dict[str, int]) -> P:
+  """Keeps, per dimension, the mesh axes not used before that divide it (cumulatively)."""
+  used: set[str] = set()
+  spec = []
+  for axes, dim in zip(axes_per_dim, shape):
+    kept, size = [], 1
+    for axis in axes:
+      n = int(axis_sizes.get(axis, 1))
+      if axis in used or dim % (size * n):
+        continue
+      kept.append(axis)
+      size *= n
+    used.update(kept)
+    spec.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], axis_sizes: dict[str, int],
+                    rules=LOGICAL_AXIS_RULES) -> P:
+  """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
+
+  Each dimension gets the mesh axes its rule names, minus any axis already used by an
+  earlier dimension and minus any axis whose size (times the axes kept before it) does not
+  divide the dimension. Unknown names are an error, so a typo cannot silently replicate.
+  """
+  if names is None:
+    return P()
+  names = tuple(names)
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {names} do not match an array of shape {tuple(shape)}")
+  table = _rules_dict(rules)
+  for name in names:
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis name {name!r} has no rule in synthmri_jax.training.mesh.LOGICAL_AXIS_RULES "
+                       f"(known: {sorted(table)})")
+  return _fit([() if n is None else table[n] for n in names], shape, axis_sizes)
+
+
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a (possibly abstract) tree whose leaves may be flax Partitioned boxes.
+
+  nn.LogicallyPartitioned leaves are resolved through the rules; nn.Partitioned leaves name
+  mesh axes directly (kept where they divide); plain leaves are replicated. The result has
+  the structure of the unboxed tree.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+  def one(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_to_spec(x.names, x.value.shape, sizes, x.rules or rules))
+    if isinstance(x, nn.Partitioned):
+      return NamedSharding(mesh, _fit([_as_axes(n) for n in x.names], x.value.shape, sizes))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over ('data', 'fsdp'); the tensor axis holds replicas."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op outside a mesh context.
+
+  Use instead of nn.with_logical_constraint: repeated names (three 'act_spatial') are
+  allowed and axes that do not divide a dimension are dropped, so one model compiles on
+  every mesh shape.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, dict(mesh.shape), rules))
