@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.cohort_tsv = ""
   d.sequences = "T1w"          # channels, in order; one path column each (path_<seq>, or path)
   d.labels = "CN,AD"           # allowed labels, in class-index order
-  d.spacing_mm = 4.0           # isotropic target voxel size
+  d.spacing_mm = 4.5           # isotropic target voxel size (40x48x40 at 4.5 mm = 180x216x180 mm holds the largest simulated brains)
   d.shape = (40, 48, 40)       # target grid (RAS+ voxels), cropped/padded around the brain
   d.normalization = "percentile"  # "percentile": clip to [p_low, p_high] in the brain, map to [0, 1]; "zscore"
   d.clip_percentiles = (0.5, 99.5)
@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.ad_effect = 1.0            # scales the AD-specific atrophy (1.0: tuned to AUC ~0.8-0.9)
   e.age_range = (55.0, 90.0)
   e.lesions = False            # tumour-like lesions with masks (segmentation task)
+  e.lesion_fraction = 1.0      # share of subjects with a lesion when lesions=True (the rest get empty masks)
+  e.vary_storage = True        # store ~30 % of files LAS/LPI and ~half int16+scl_slope, to exercise ingest
   e.seed = 0
 
   # ---------------------------------------------------------------- mesh
