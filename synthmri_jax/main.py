@@ -12,8 +12,12 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from synthmri_jax.xla_flags import configure_cpu_flags
+
+configure_cpu_flags()  # must precede anything that imports jax (see xla_flags.py)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from synthmri_jax import stages as stages_lib
 from synthmri_jax.utils import io

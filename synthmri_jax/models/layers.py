@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D, torch_like_init
+from synthmri_jax.training.mesh import constrain
 
 Array = jax.Array
 
@@ -31,11 +32,11 @@ _NORM_AXES = ("norm",)
 
 
 def constrain_volume(x: Array) -> Array:
-  return nn.with_logical_constraint(x, VOLUME_AXES)
+  return constrain(x, VOLUME_AXES)
 
 
 def constrain_tokens(x: Array) -> Array:
-  return nn.with_logical_constraint(x, TOKEN_AXES)
+  return constrain(x, TOKEN_AXES)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -151,9 +152,9 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None, *, deterministic: bool = True) -> Array:
     kv = x if context is None else context
-    q = nn.with_logical_constraint(self._proj("to_q", self.qkv_bias)(x), HEAD_AXES)
-    k = nn.with_logical_constraint(self._proj("to_k", self.qkv_bias)(kv), HEAD_AXES)
-    v = nn.with_logical_constraint(self._proj("to_v", self.qkv_bias)(kv), HEAD_AXES)
+    q = constrain(self._proj("to_q", self.qkv_bias)(x), HEAD_AXES)
+    k = constrain(self._proj("to_k", self.qkv_bias)(kv), HEAD_AXES)
+    v = constrain(self._proj("to_v", self.qkv_bias)(kv), HEAD_AXES)
     impl = select_attention_impl(self.attention_impl, q.dtype, self.head_dim)
     o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     o = nn.DenseGeneral(

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from synthmri_jax.training import mesh as mesh_lib
+
 STATS = "vq_stats"
 _NEVER_USED = 2 ** 30   # steps_since_used of a code never assigned (no int32 overflow on +1)
 
@@ -208,7 +210,7 @@ class VectorQuantizer(nn.Module):
     k = self.num_codes
     lead = z.shape[:-1]
     z_flat = z.reshape(-1, self.code_dim).astype(jnp.float32)
-    z_flat = nn.with_logical_constraint(z_flat, ("batch", "act_channels"))
+    z_flat = mesh_lib.constrain(z_flat, ("batch", "act_channels"))
     if self.cosine:
       z_flat = l2_normalize(z_flat)
 
