@@ -51,4 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.data = -1                  # -1: all remaining devices
   m.fsdp = 1
   m.tensor = 1
+
+  # ---------------------------------------------------------------- multi-host (see docs/SCALING.md)
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.mode = "auto"                  # "off" forces one process
+  dist.coordinator = ""               # "host:port"; "": env SYNTHMRI_COORDINATOR or cluster auto-detection
+  dist.num_processes = 0              # 0: env / cluster
+  dist.process_id = -1                # -1: env SYNTHMRI_PROCESS_ID / cluster
+  dist.local_device_ids = ""          # e.g. "0,1"
+  dist.cluster_detection_method = ""  # e.g. "mpi4py", "k8s"
+  dist.initialization_timeout = 300
   return c

@@ -41,6 +41,8 @@ def main(argv):
     names = stages_lib.parse_stages(config.stages)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  from synthmri_jax.training import distributed  # imports jax: after the XLA flags are set
+  distributed.initialize(config)
   os.makedirs(workdir, exist_ok=True)
   resolved = json.loads(config.to_json(sort_keys=True))
   io.write_json_atomic(os.path.join(workdir, "config.json"), {"config": resolved, "config_hash": config_hash(config)})
