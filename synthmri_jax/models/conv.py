@@ -1,23 +1,24 @@
 """The one backend-aware 3D convolution every model uses (inputs NDHWC, kernels DHWIO).
 
 XLA:CPU runs 3D convolutions on slow generic loops, and strided / transposed ones
-catastrophically so, while its 2D convolutions and dots go to fast library kernels. On
-this 2-core CPU (batch 2, f32, see tools/bench_conv.py and ../shared/PERF-NOTES.md), the
-native form costs e.g. ~40/150 ms fwd/fwd+bwd for a 3x3x3 32->32 conv at 24x28x24, a
-transposed 4x4x4 stride-2 conv takes seconds, and the input gradient of a stride-2 conv
-runs at ~1 GFLOP/s. `impl='cpu'` computes the same math as 2D convolutions and dots,
-3-15x faster per stride-1 conv and 30-300x for strided / transposed ones:
+catastrophically so, while its 2D convolutions and dots go to fast library kernels.
+`impl='cpu'` computes the same math as 2D convolutions and dots. Measured on the 2-core
+CPU (tools/bench_conv.py, batch 2, f32, native/cpu time for fwd+bwd): stride-1 3x3x3
+3-8x faster, stride-2 28-490x (XLA's input gradient of a strided 3D conv is a naive
+dilated loop), transposed 4x4x4 40-220x (native: 7-27 s per call), nearest-upsample + conv
+7x, 1x1x1 2x.
 
-* stride-s k x k x k: k depth-sliced 2D convs (stride s in H, W) summed; autodiff gives 2D
-  backward convs, which measured faster than a dot-formulated weight gradient (the
-  2D backward-filter conv beat per-tap dots 3-10x here).
-* 1x1x1: one dot; tiny receptive fields (k^3 * cin <= 64, e.g. 1-channel input): im2col +
-  one dot, since 2D convs with 1-8 input channels are memory-bound.
+* stride-s k x k x k: k depth-sliced 2D convs (stride s in H, W) summed. Autodiff gives
+  2D backward convs; XLA's 2D backward-filter conv beat a dot-formulated weight gradient
+  (per-tap or im2col dots) 3-10x here, so there is no custom VJP.
+* 1x1x1: one dot. Tiny receptive fields (k^3 * cin <= 64, e.g. a 1-channel input): im2col
+  + one dot, after space-to-depth when strided; 2D convs with 1-8 input channels are
+  memory-bound.
 * transposed conv and nearest-upsample + conv: sub-pixel form. Output phase r of a stride-s
-  up-conv is a stride-1 conv of the low-resolution input with a sub-kernel (for the
-  transposed 4^3 conv: 2^3 taps; for upsample + 3^3 conv: 2^3 summed taps, 3.4x fewer
-  FLOPs than convolving the upsampled volume). With >= 8 output channels each phase is its
-  own conv (exact FLOPs); with fewer, all phases share one conv with s^3 * cout outputs.
+  up-conv is a stride-1 conv of the low-resolution input with a sub-kernel (transposed
+  4^3 conv: 2^3 taps; upsample + 3^3 conv: 2^3 summed taps, 3.4x fewer FLOPs than
+  convolving the upsampled volume). With >= 8 output channels each phase is its own conv
+  (exact FLOPs); with fewer, all phases share one conv with s^3 * cout outputs.
 
 `impl='native'` is lax.conv_general_dilated (cuDNN / TPU convs are fast) and is the
 reference every other form is tested against (tests/test_conv.py). 'auto' picks 'cpu' on
