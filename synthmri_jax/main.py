@@ -41,11 +41,15 @@ def main(argv):
     names = stages_lib.parse_stages(config.stages)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  from synthmri_jax.training import distributed  # imports jax: after the XLA flags are set
+  import jax  # after the XLA flags are set
+
+  from synthmri_jax.training import distributed
   distributed.initialize(config)
+  is_main = jax.process_index() == 0  # one writer of the run's bookkeeping files on multi-host runs
   os.makedirs(workdir, exist_ok=True)
   resolved = json.loads(config.to_json(sort_keys=True))
-  io.write_json_atomic(os.path.join(workdir, "config.json"), {"config": resolved, "config_hash": config_hash(config)})
+  if is_main:
+    io.write_json_atomic(os.path.join(workdir, "config.json"), {"config": resolved, "config_hash": config_hash(config)})
   logging.info("workdir %s, stages %s, config hash %s", workdir, ",".join(names), config_hash(config))
   timings = io.read_json(os.path.join(workdir, "timings.json"), default={})
   for i, name in enumerate(names, 1):
@@ -57,7 +61,8 @@ def main(argv):
       sys.exit(f"FATAL stage {name}: {e}")
     dt = time.time() - t0
     timings[name] = round(dt, 2)
-    io.write_json_atomic(os.path.join(workdir, "timings.json"), timings)
+    if is_main:
+      io.write_json_atomic(os.path.join(workdir, "timings.json"), timings)
     print(f"[{i}/{len(names)}] stage {name} done in {dt:.1f} s", flush=True)
 
 
