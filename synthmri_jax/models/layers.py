@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D, torch_like_init
 from synthmri_jax.training.mesh import constrain
@@ -128,6 +129,41 @@ def select_attention_impl(impl: str | None, dtype, head_dim: int, backend: str |
   return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else None
 
 
+class HeadProjection(nn.Module):
+  """y = x . kernel + bias contracting the last `in_axes` axes of x into `features`.
+
+  nn.DenseGeneral's job, but the kernel is created at its full rank (e.g. (C, heads, head_dim))
+  so its logical names apply as they are: DenseGeneral initialises a flattened 2D kernel and
+  reshapes it, which fails under a global mesh with 3 logical names on a rank-2 value. Param
+  paths and shapes are DenseGeneral's ('kernel', 'bias'); init is PyTorch's nn.Linear
+  U(+-1/sqrt(fan_in)) over the contracted axes.
+  """
+  features: tuple[int, ...]
+  in_axes: int
+  axes: tuple[str, ...]
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in, n_out = int(self.in_axes), len(self.features)
+    in_shape = x.shape[-n_in:]
+    fan_in = int(np.prod(in_shape))
+    bound = 1.0 / np.sqrt(fan_in)
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    kernel = self.param("kernel", nn.with_logical_partitioning(uniform, self.axes),
+                        (*in_shape, *self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:]),
+                        tuple(self.features), self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention of x (B, N, C) over context (B, M, Cc) (or over x when context is None).
 
@@ -144,10 +180,9 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _proj(self, name: str, bias: bool):
-    return nn.DenseGeneral(
-        (self.num_heads, self.head_dim), use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(torch_like_init(), ("embed", "heads", "head_dim")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "head_dim")))
+    return HeadProjection((self.num_heads, self.head_dim), in_axes=1, use_bias=bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name,
+                          axes=("embed", "heads", "head_dim"))
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None, *, deterministic: bool = True) -> Array:
@@ -157,10 +192,8 @@ class MultiHeadAttention(nn.Module):
     v = constrain(self._proj("to_v", self.qkv_bias)(kv), HEAD_AXES)
     impl = select_attention_impl(self.attention_impl, q.dtype, self.head_dim)
     o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-    o = nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj",
-        kernel_init=nn.with_logical_partitioning(torch_like_init(), ("heads", "head_dim", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(o)
+    o = HeadProjection((x.shape[-1],), in_axes=2, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj",
+                       axes=("heads", "head_dim", "embed"))(o)
     o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
     return constrain_tokens(o)
 
