@@ -1,0 +1,799 @@
+"""The utility study: TRTR / TSTR / augmentation arms, AUC with intervals, paired ΔAUC, Dice, fidelity.
+
+Arms (every one tested on the SAME real test split, which no generator or classifier saw):
+  TRTR       the real train split
+  TSTR       the synthetic cohort only
+  AUG_<f>    a stratified, subject-level subsample of a fraction f of the real train split
+             (at least one subject per class) plus the whole synthetic cohort (MediSyn's
+             data-limited setting; f = 1 is all real + synthetic)
+  REAL_<f>   the same real subsample alone (evaluate.real_only_baselines), the baseline an
+             AUG_<f> arm must beat for augmentation to help
+Each arm is trained with `evaluate.seeds` seeds (seed k: init, data order, augmentation and the
+real subsample), with the same classifier and the same number of steps, so arms differ in their
+training data only. Per arm and seed: ROC-AUC with a class-stratified bootstrap interval
+(evaluation.stats); per arm: mean ± SD over seeds, and the AUC of the seed-averaged scores with
+its interval. Comparisons (TSTR − TRTR, AUG_f − REAL_f, AUG_1 − TRTR) are paired on the test
+subjects (stats.paired_delta_auc): per seed, and on the seed-averaged scores.
+
+With masks in the real cohort (and in the synthetic one), the segmentation U-Net is trained on
+real (SEG_real) and on synthetic (SEG_synthetic) scans and scored by per-subject Dice on the
+real test split, with bootstrap intervals and a paired ΔDice.
+
+Fidelity: FD / KID between real-test and synthetic features of the TRTR classifier (seed 0)
+penultimate layer, named FD_trtr_classifier (values from different extractors are not
+comparable), beside the same statistics between two real samples (val vs test) as a floor; an
+optional extractor from user weights (evaluate.feature_weights, a local file, never
+downloaded); MS-SSIM diversity of synthetic pairs beside real-train pairs.
+
+Resumable: each run trains through the shared trainer into
+WORKDIR/evaluation/runs/<arm>/seed<k>/ and ends by writing result.json (test labels and
+per-subject scores included); a run whose result.json carries the same key (arm, seed,
+classifier config, prepared cohort, synthetic content hash) is not redone, a run with another
+key is wiped and retrained. Outputs: WORKDIR/evaluation/evaluation.json (atomic) and a table
+in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import flax.serialization
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from synthmri_jax.data import cohort, loader
+from synthmri_jax.data.cache import PreparedCohort, load_prepared
+from synthmri_jax.evaluation import config as config_lib
+from synthmri_jax.evaluation import fidelity, stats
+from synthmri_jax.evaluation.synthetic_cohort import SyntheticCohort
+from synthmri_jax.models import classifier as classifier_lib
+from synthmri_jax.models import segmenter as segmenter_lib
+from synthmri_jax.training import checkpoint as ckpt_lib
+from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax.training import trainer
+from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
+from synthmri_jax.training.tasks.segmenter import SegmenterTask
+from synthmri_jax.utils import io
+from synthmri_jax.utils.errors import UserInputError
+
+SCHEMA = "synthmri_jax.evaluation/1"
+RUN_VERSION = 1
+ARM_KINDS = ("TRTR", "TSTR", "AUG")
+EXTRACTOR = "trtr_classifier"
+# The anchor the seeds report (seeds/000: ADNI, AD vs CN, LDM-generated cohort).
+SEED_REFERENCE = {"source": "seeds/000 (ADNI T1w, AD vs CN, latent diffusion)", "tstr_auc": 0.754,
+                  "trtr_auc": 0.810, "ratio": round(0.754 / 0.810, 3)}
+
+
+class FeatureWeightsError(UserInputError, ValueError):
+  """evaluate.feature_weights cannot be used; the message names the file."""
+
+
+def evaluation_dir(workdir: str) -> str:
+  return os.path.join(workdir, "evaluation")
+
+
+# ------------------------------------------------------------------------------ arms and data
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  real_fraction: float     # share of the real train split's subjects (0: none)
+  synthetic: bool          # whether the synthetic cohort is in the training set
+
+
+def _fraction_name(f: float) -> str:
+  return f"{f:g}"
+
+
+def plan_arms(ev) -> list[Arm]:
+  """The arms of evaluate.arms, TRTR always first (it is every comparison's reference)."""
+  kinds = cohort.as_list(ev.arms)
+  unknown = [k for k in kinds if k not in ARM_KINDS]
+  if unknown:
+    raise ValueError(f"evaluate.arms: unknown arm(s) {unknown}; known: {', '.join(ARM_KINDS)}")
+  fractions = sorted({float(f) for f in ev.real_fractions})
+  if any(not 0.0 < f <= 1.0 for f in fractions):
+    raise ValueError(f"evaluate.real_fractions must be in (0, 1], got {list(ev.real_fractions)}")
+  arms = [Arm("TRTR", 1.0, False)]
+  if "TSTR" in kinds:
+    arms.append(Arm("TSTR", 0.0, True))
+  if "AUG" in kinds:
+    arms += [Arm(f"AUG_{_fraction_name(f)}", f, True) for f in fractions]
+    if ev.real_only_baselines:
+      arms += [Arm(f"REAL_{_fraction_name(f)}", f, False) for f in fractions if f < 1.0]
+  return arms
+
+
+def subsample_real(table: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+  """Row indices of a subject-level, label-stratified subsample: round(fraction * n_k) subjects of
+  each class k (at least one), drawn with a generator seeded by (seed, fraction)."""
+  if fraction >= 1.0:
+    return np.arange(len(table))
+  label_of = table.groupby("participant_id")["label_index"].agg(lambda s: int(s.value_counts().sort_index().idxmax()))
+  rng = np.random.default_rng([int(seed), int(round(fraction * 1e6))])
+  chosen: list[str] = []
+  for k in sorted(set(label_of.tolist())):
+    members = sorted(label_of.index[label_of == k].tolist())
+    n = max(1, int(round(fraction * len(members))))
+    chosen += [members[i] for i in rng.choice(len(members), size=n, replace=False)]
+  return np.flatnonzero(table["participant_id"].isin(chosen).to_numpy())
+
+
+class Subset:
+  """Rows `indices` of a source, keeping only `keys`."""
+
+  def __init__(self, source: loader.Source, indices: Sequence[int], keys: Sequence[str]):
+    self.source, self.indices, self.keys = source, np.asarray(indices, int), tuple(keys)
+    if len(self.indices) == 0:
+      raise ValueError(f"empty subset of {source!r}")
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    element = self.source[int(self.indices[i])]
+    return {k: element[k] for k in self.keys}
+
+
+class Concat:
+  """Sources one after the other (real subsample, then synthetic)."""
+
+  def __init__(self, sources: Sequence[loader.Source]):
+    self.sources = [s for s in sources if s is not None and len(s)]
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    j = int(np.searchsorted(self.offsets, i, side="right") - 1)
+    return self.sources[j][int(i - self.offsets[j])]
+
+
+class _Volumes:
+  """Lazy (X, Y, Z) volumes of one channel of a source, for the pairwise MS-SSIM."""
+
+  def __init__(self, source: loader.Source, channel: int):
+    self.source, self.channel = source, channel
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return np.asarray(self.source[int(i)]["image"][..., self.channel], np.float64)
+
+
+def _split_source(prepared: PreparedCohort, split: str) -> loader.CohortSource | None:
+  return loader.CohortSource(prepared, split) if len(prepared.split(split)) else None
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _host(tree: Any) -> Any:
+  """Device arrays (possibly sharded over several hosts) -> numpy on this host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_block(train_cfg, mesh_cfg, seed: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  t = dict(train_cfg.to_dict() if hasattr(train_cfg, "to_dict") else train_cfg)
+  t["seed"] = int(seed)
+  c.train = ml_collections.ConfigDict(t)
+  if mesh_cfg is not None:
+    c.mesh = mesh_cfg
+  return c
+
+
+def _variables_from_ckpt(directory: str) -> dict[str, Any]:
+  """{'params': (EMA if kept) params, **model_state} from the last checkpoint in a trainer's checkpoint dir."""
+  _, v = ckpt_lib.load_variables(directory)
+  params = v["ema_params"] if v.get("ema_params") else v["params"]
+  return {"params": params, **(v.get("model_state") or {})}
+
+
+def _variables_from_run(run_dir: str) -> dict[str, Any]:
+  return _variables_from_ckpt(os.path.join(run_dir, "checkpoints"))
+
+
+def _bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0) -> dict[str, Any]:
+  """Mean of per-subject values with a scipy bootstrap interval (percentile where BCa is undefined)."""
+  v = np.asarray(values, np.float64)
+  if v.size == 0:
+    return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "alpha": float(alpha), "method": "no subjects"}
+  out = {"mean": float(v.mean()), "n": int(v.size), "alpha": float(alpha)}
+  if v.size < 2 or np.all(v == v[0]):
+    return dict(out, ci_low=out["mean"], ci_high=out["mean"], se=0.0, method="degenerate (constant or n < 2)")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method=method,
+                                rng=np.random.default_rng(seed))
+    used = method
+    if not np.all(np.isfinite([res.confidence_interval.low, res.confidence_interval.high])):
+      res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha,
+                                  method="percentile", rng=np.random.default_rng(seed))
+      used = "percentile"
+  return dict(out, ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high),
+              se=float(res.standard_error), method=used)
+
+
+def _two_sample_bootstrap(a: np.ndarray, b: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
+                          n_boot: int, alpha: float, seed: int = 0) -> dict[str, Any]:
+  """Percentile interval of fn(a, b) resampling the rows of each set independently (scipy.stats.bootstrap)."""
+  ia, ib = np.arange(len(a)), np.arange(len(b))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = scipy.stats.bootstrap((ia, ib), lambda i, j: fn(a[i], b[j]), n_resamples=n_boot, vectorized=False,
+                                paired=False, confidence_level=1 - alpha, method="percentile",
+                                rng=np.random.default_rng(seed))
+  return {"ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high),
+          "se": float(res.standard_error), "n_boot": int(n_boot), "alpha": float(alpha),
+          "method": "percentile bootstrap (subjects of each set resampled)"}
+
+
+def json_safe(obj: Any) -> Any:
+  """NaN / inf -> None (e.g. the SD of one seed), so evaluation.json is strict JSON."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
+
+
+def _fd(a: np.ndarray, b: np.ndarray) -> float:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return fidelity.frechet_distance(a, b)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`, unless the process already has one.
+
+  Every run of the study compiles the same train / eval / predict programs (same shapes, same
+  config; only the data and the seed, which is state, differ), and on CPU compiling is most of
+  a small run's time (measured: 61 s per 60-step toy run without the cache, 7 s with it). The
+  cache is keyed by the program, so a hit is exactly what a fresh compile would produce.
+  JAX reads the setting at its first compile that has a directory set, so this works even after
+  earlier compiles without one; a directory already set (by the user or the entry point) wins.
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+class Study:
+  """Runs and summarises the study for one workdir (and one synthetic cohort, if given)."""
+
+  def __init__(self, config, workdir: str, synthetic: SyntheticCohort | None = None,
+               log: Callable[[str], None] | None = None):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.cls = config_lib.block(config, "classifier", config_lib.classifier_config)
+    self.ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+    self.real = load_prepared(self.workdir)
+    self.synthetic = synthetic
+    self.log = log or (lambda msg: print(msg, flush=True))
+    self.labels = self.real.labels
+    if bool(self.ev.compilation_cache):
+      enable_compilation_cache(os.path.join(evaluation_dir(self.workdir), "compile_cache"))
+    self.mesh_cfg = config.get("mesh", None) if config is not None else None
+    self.mesh = mesh_lib.make_mesh(self.mesh_cfg) if self.mesh_cfg is not None else None   # None: trainer's default
+    self.base_seed = int(config.get("seed", 0)) if config is not None else 0
+    self.train_source = loader.CohortSource(self.real, "train")
+    self.test_source = loader.CohortSource(self.real, "test")
+    self.val_source = _split_source(self.real, "val")
+    self.train_table = self.real.split("train")
+    self.test_table = self.real.split("test")
+    self.y_test = self.test_table["label_index"].to_numpy(np.int64)
+    missing = [self.labels[k] for k in range(len(self.labels)) if (self.y_test == k).sum() < 2]
+    if missing:
+      raise UserInputError(f"{self.real.root}: the real test split needs at least 2 subjects of every class for "
+                           f"an AUC interval; too few of {missing} (a larger cohort or data.split_fractions.test)")
+    if synthetic is not None:
+      absent = [lab for k, lab in enumerate(self.labels) if not (synthetic.labels == k).any()]
+      if absent:
+        self.log(f"[evaluate] WARNING: the synthetic cohort has no scan of class(es) {absent}; TSTR cannot "
+                 "learn them")
+
+  # ---------------------------------------------------------------- runs
+
+  def runs_dir(self) -> str:
+    return os.path.join(evaluation_dir(self.workdir), "runs")
+
+  def seeds(self) -> list[int]:
+    return list(range(int(self.ev.seeds)))
+
+  def _run_key(self, arm: Arm, k: int, kind: str) -> str:
+    block = self.cls.segmenter.to_dict() if kind == "segmenter" else {
+        k_: v for k_, v in self.cls.to_dict().items() if k_ != "segmenter"}
+    return _digest({"version": RUN_VERSION, "kind": kind, "arm": dataclasses.asdict(arm), "seed_index": k,
+                    "seed": self.base_seed + k, "model": block, "real": self.real.meta.get("config_hash"),
+                    "synthetic": self.synthetic.key if arm.synthetic and self.synthetic else None})
+
+  def _claim(self, run_dir: str, key: str) -> None:
+    """Makes run_dir this key's: a directory left by another config is wiped (its checkpoints would resume)."""
+    marker = io.read_json(os.path.join(run_dir, "run.json"))
+    if os.path.isdir(run_dir) and (marker or {}).get("key") != key and os.listdir(run_dir):
+      self.log(f"{run_dir}: made with another config or cohort; retraining")
+      shutil.rmtree(run_dir)
+    io.write_json_atomic(os.path.join(run_dir, "run.json"), {"key": key})
+
+  def arm_source(self, arm: Arm, k: int, keys: Sequence[str]) -> tuple[loader.Source, dict[str, Any]]:
+    """Training source of an arm for seed index k, and what it holds."""
+    parts, comp = [], {"n_real": 0, "n_synthetic": 0, "real_participants": []}
+    if arm.real_fraction > 0:
+      idx = subsample_real(self.train_table, arm.real_fraction, self.base_seed + k)
+      parts.append(Subset(self.train_source, idx, keys))
+      comp["n_real"] = int(len(idx))
+      if arm.real_fraction < 1.0:
+        comp["real_participants"] = sorted(set(self.train_table["participant_id"].iloc[idx]))
+    if arm.synthetic:
+      if self.synthetic is None:
+        raise ValueError(f"arm {arm.name} needs a synthetic cohort")
+      syn = self.synthetic.source()
+      parts.append(Subset(syn, np.arange(len(syn)), keys))
+      comp["n_synthetic"] = len(syn)
+    return Concat(parts), comp
+
+  def classifier_task(self, arm: str = "", k: int = 0) -> ClassifierTask:
+    model = classifier_lib.from_config(self.cls.model, len(self.labels))
+    name = f"classifier {arm} seed{k}" if arm else "classifier"
+    return ClassifierTask(model=model, name=name, label_smoothing=float(self.cls.label_smoothing))
+
+  def run_classifier(self, arm: Arm, k: int) -> dict[str, Any]:
+    """Trains (or resumes, or skips) one classifier run and scores it on the real test split."""
+    run_dir = os.path.join(self.runs_dir(), arm.name, f"seed{k}")
+    key = self._run_key(arm, k, "classifier")
+    result_path = os.path.join(run_dir, "result.json")
+    done = io.read_json(result_path)
+    if done and done.get("key") == key:
+      return done
+    self._claim(run_dir, key)
+    t0 = time.time()
+    seed = self.base_seed + k
+    source, comp = self.arm_source(arm, k, ("image", "label"))
+    task = self.classifier_task(arm.name, k)
+    bs = int(self.cls.batch_size)
+    augment = loader.Augment.from_config(ml_collections.ConfigDict(
+        dict(intensity_jitter=float(self.cls.intensity_jitter), flip_axes=self.cls.flip_axes)))
+    self.log(f"[evaluate] {arm.name} seed{k}: training on {comp['n_real']} real + {comp['n_synthetic']} "
+             f"synthetic scans into {run_dir}")
+    it = loader.train_iterator(source, bs, seed, augment=augment)
+    val_fn = None
+    if self.val_source is not None:
+      val = Subset(self.val_source, np.arange(len(self.val_source)), ("image", "label"))
+      val_fn = lambda: loader.eval_iterator(val, bs)
+    state = trainer.train(task, _train_block(self.cls.train, self.mesh_cfg, seed), run_dir, it, val_fn,
+                          mesh=self.mesh)
+    variables = _host({"params": state.eval_params, **state.model_state})
+    del state
+    pred = predict_source(task.predict, variables, self.test_source, int(self.ev.batch_size))
+    probs = pred["probs"].astype(np.float64)
+    auc = self._auc(probs)
+    result = {"key": key, "kind": "classifier", "arm": arm.name, "seed_index": k, "seed": seed,
+              "train": comp, "steps": int(self.cls.train.steps), "seconds": round(time.time() - t0, 1),
+              "auc": auc,
+              "test": {"participant_id": self.test_table["participant_id"].tolist(),
+                       "label": self.y_test.tolist(), "probs": probs.tolist()}}
+    io.write_json_atomic(result_path, result)
+    self.log(f"[evaluate] {arm.name} seed{k}: AUC {auc['auc']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}] "
+             f"({result['seconds']:.0f} s)")
+    return result
+
+  def segmentation_possible(self) -> tuple[bool, str]:
+    if not bool(self.cls.segmenter.enabled):
+      return False, "classifier.segmenter.enabled is False"
+    if not self.real.has_masks:
+      return False, "the real cohort has no masks"
+    return True, ""
+
+  def run_segmenter(self, arm: Arm, k: int) -> dict[str, Any]:
+    """Trains (or skips) one segmentation run; per-subject Dice on the real test split."""
+    seg = self.cls.segmenter
+    run_dir = os.path.join(self.runs_dir(), arm.name, f"seed{k}")
+    key = self._run_key(arm, k, "segmenter")
+    result_path = os.path.join(run_dir, "result.json")
+    done = io.read_json(result_path)
+    if done and done.get("key") == key:
+      return done
+    self._claim(run_dir, key)
+    t0 = time.time()
+    seed = self.base_seed + k
+    source, comp = self.arm_source(arm, k, ("image", "mask"))
+    model = segmenter_lib.from_config(seg.model, int(seg.num_classes))
+    task = SegmenterTask(model=model, name=f"segmenter {arm.name} seed{k}", dice_weight=float(seg.dice_weight))
+    bs = int(seg.batch_size)
+    self.log(f"[evaluate] {arm.name} seed{k}: training the segmenter on {comp['n_real']} real + "
+             f"{comp['n_synthetic']} synthetic scans into {run_dir}")
+    it = loader.train_iterator(source, bs, seed, augment=loader.Augment(float(seg.intensity_jitter)))
+    state = trainer.train(task, _train_block(seg.train, self.mesh_cfg, seed), run_dir, it, None, mesh=self.mesh)
+    variables = _host({"params": state.eval_params, **state.model_state})
+    del state
+    pred = predict_source(task.predict, variables, self.test_source, int(self.ev.batch_size))["labels"]
+    dices, lesion = [], []
+    for i in range(len(self.test_source)):
+      target = self.test_source[i]["mask"]
+      dices.append(fidelity.dice_binary(pred[i] > 0, target > 0, empty=1.0))
+      lesion.append(bool((target > 0).any()))
+    result = {"key": key, "kind": "segmenter", "arm": arm.name, "seed_index": k, "seed": seed, "train": comp,
+              "steps": int(seg.train.steps), "seconds": round(time.time() - t0, 1),
+              "test": {"participant_id": self.test_table["participant_id"].tolist(), "dice": dices,
+                       "has_lesion": lesion}}
+    result["dice"] = self._dice_summary(result)
+    io.write_json_atomic(result_path, result)
+    self.log(f"[evaluate] {arm.name} seed{k}: Dice {result['dice']['all']['mean']:.3f} "
+             f"[{result['dice']['all']['ci_low']:.3f}, {result['dice']['all']['ci_high']:.3f}]")
+    return result
+
+  def _dice_summary(self, result: dict[str, Any]) -> dict[str, Any]:
+    d = np.asarray(result["test"]["dice"])
+    has = np.asarray(result["test"]["has_lesion"], bool)
+    boot = lambda v: _bootstrap_mean(v, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
+    return {"all": boot(d), "with_lesion": boot(d[has])}
+
+  # ---------------------------------------------------------------- stages
+
+  def train_real(self) -> dict[str, Any]:
+    """The `classify` stage: TRTR classifiers (every seed) and, with masks, the real segmenters."""
+    trtr = Arm("TRTR", 1.0, False)
+    results = [self.run_classifier(trtr, k) for k in self.seeds()]
+    out = {"schema": SCHEMA, "labels": self.labels, "classification": {"TRTR": self._arm_summary(trtr, results)}}
+    ok, why = self.segmentation_possible()
+    if ok:
+      seg_arm = Arm("SEG_real", 1.0, False)
+      seg = [self.run_segmenter(seg_arm, k) for k in self.seeds()]
+      out["segmentation"] = {"SEG_real": self._seg_summary(seg)}
+    else:
+      out["segmentation"] = {"skipped": why}
+    io.write_json_atomic(os.path.join(evaluation_dir(self.workdir), "classify.json"), json_safe(out))
+    return out
+
+  def run(self) -> dict[str, Any]:
+    """The `evaluate` stage: every arm, comparisons, Dice, fidelity -> evaluation.json."""
+    if self.synthetic is None:
+      raise ValueError("the study needs a synthetic cohort")
+    t0 = time.time()
+    arms = plan_arms(self.ev)
+    results = {a.name: [self.run_classifier(a, k) for k in self.seeds()] for a in arms}
+    by_name = {a.name: a for a in arms}
+    classification = {"arms": {n: self._arm_summary(by_name[n], r) for n, r in results.items()},
+                      "comparisons": self._comparisons(arms, results)}
+    classification["tstr_trtr_ratio"] = self._ratio(classification)
+    out = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "real": self._real_summary(),
+        "synthetic": self.synthetic.summary(),
+        "protocol": self._protocol(arms),
+        "classification": classification,
+        "seed_reference": SEED_REFERENCE,
+        "segmentation": self._segmentation(),
+        "fidelity": self._fidelity(),
+    }
+    out["seconds"] = round(time.time() - t0, 1)
+    out = json_safe(out)
+    path = os.path.join(evaluation_dir(self.workdir), "evaluation.json")
+    io.write_json_atomic(path, out)
+    self.log(format_table(out))
+    self.log(f"[evaluate] wrote {path}")
+    return out
+
+  # ---------------------------------------------------------------- summaries
+
+  def _real_summary(self) -> dict[str, Any]:
+    counts = lambda t: {lab: int((t["label_index"] == i).sum()) for i, lab in enumerate(self.labels)}
+    return {"workdir": self.workdir, "config_hash": self.real.meta.get("config_hash"), "labels": self.labels,
+            "shape": list(self.real.shape), "spacing_mm": self.real.meta.get("spacing_mm"),
+            "n_train": int(len(self.train_table)), "n_test": int(len(self.test_table)),
+            "train_per_class": counts(self.train_table), "test_per_class": counts(self.test_table)}
+
+  def _protocol(self, arms: list[Arm]) -> dict[str, Any]:
+    return {"arms": [dataclasses.asdict(a) for a in arms], "seeds": self.seeds(), "base_seed": self.base_seed,
+            "steps_per_run": int(self.cls.train.steps), "batch_size": int(self.cls.batch_size),
+            "classifier": self.cls.model.to_dict(), "ci": {"n_boot": int(self.ev.n_boot),
+                                                          "alpha": float(self.ev.alpha),
+                                                          "method": str(self.ev.ci_method),
+                                                          "kind": "class-stratified bootstrap of test subjects"},
+            "test_split": "real 'test' split of the prepared cohort (never used by a generator or classifier)",
+            "subsample": "subject-level, stratified by label, >= 1 subject per class, redrawn per seed"}
+
+  def _mean_probs(self, results: list[dict[str, Any]]) -> np.ndarray:
+    return np.mean([np.asarray(r["test"]["probs"]) for r in results], axis=0)
+
+  def _auc(self, probs: np.ndarray) -> dict[str, Any]:
+    return stats.auc_with_ci(self.y_test, probs, n_boot=int(self.ev.n_boot), alpha=float(self.ev.alpha),
+                             method=str(self.ev.ci_method))
+
+  def _arm_summary(self, arm: Arm, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Intervals are recomputed from the stored scores, so evaluate.n_boot / alpha / ci_method
+    apply to finished runs without retraining them."""
+    per_seed = []
+    for r in results:
+      auc = self._auc(np.asarray(r["test"]["probs"]))
+      per_seed.append(dict(seed=r["seed"], n_train_real=r["train"]["n_real"],
+                           n_train_synthetic=r["train"]["n_synthetic"],
+                           **{k: auc[k] for k in ("auc", "ci_low", "ci_high", "se", "method", "n")}))
+    ens = self._auc(self._mean_probs(results))
+    return {"real_fraction": arm.real_fraction, "synthetic": arm.synthetic, "per_seed": per_seed,
+            "auc_over_seeds": stats.summarize_seeds([p["auc"] for p in per_seed]),
+            "seed_mean_scores": dict(ens, n_seeds=len(results)), "n_seeds": len(results)}
+
+  def _paired(self, a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    kw = dict(n_boot=int(self.ev.n_boot), alpha=float(self.ev.alpha), method=str(self.ev.ci_method))
+    b_by_seed = {r["seed"]: r for r in b}
+    per_seed = []
+    for r in a:
+      if r["seed"] in b_by_seed:
+        d = stats.paired_delta_auc(self.y_test, np.asarray(r["test"]["probs"]),
+                                   np.asarray(b_by_seed[r["seed"]]["test"]["probs"]), **kw)
+        per_seed.append(dict(seed=r["seed"], **d))
+    ens = stats.paired_delta_auc(self.y_test, self._mean_probs(a), self._mean_probs(b), **kw)
+    return {"per_seed": per_seed, "delta_over_seeds": stats.summarize_seeds([p["delta"] for p in per_seed]),
+            "seed_mean_scores": dict(ens, n_seeds=min(len(a), len(b))), "n_seeds": len(per_seed)}
+
+  def _comparisons(self, arms: list[Arm], results: dict[str, list]) -> dict[str, Any]:
+    names = {a.name for a in arms}
+    pairs = []
+    if "TSTR" in names:
+      pairs.append(("TSTR", "TRTR"))
+    for a in arms:
+      if a.name.startswith("AUG_"):
+        base = f"REAL_{_fraction_name(a.real_fraction)}"
+        pairs.append((a.name, base if base in names else "TRTR"))
+        if base in names:
+          pairs.append((a.name, "TRTR"))
+    out = {}
+    for a, b in pairs:
+      out[f"{a}-{b}"] = dict(self._paired(results[a], results[b]), a=a, b=b)
+    return out
+
+  def _ratio(self, classification: dict[str, Any]) -> dict[str, Any]:
+    arms = classification["arms"]
+    if "TSTR" not in arms:
+      return {"skipped": "no TSTR arm"}
+    t, r = arms["TSTR"]["auc_over_seeds"], arms["TRTR"]["auc_over_seeds"]
+    ens = classification["comparisons"]["TSTR-TRTR"]["seed_mean_scores"]
+    base = ens["auc_b"]
+    return {"value": t["mean"] / r["mean"], "n_seeds": min(t["n"], r["n"]),
+            "seed_mean_scores": {"value": ens["auc_a"] / base, "ci_low": 1 + ens["ci_low"] / base,
+                                 "ci_high": 1 + ens["ci_high"] / base,
+                                 "method": "1 + ΔAUC interval / AUC_TRTR (TRTR AUC held fixed)"},
+            "seed_reference": SEED_REFERENCE["ratio"]}
+
+  def _seg_summary(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+    per_seed = []
+    for r in results:
+      d = self._dice_summary(r)
+      per_seed.append(dict(seed=r["seed"], n_train_real=r["train"]["n_real"],
+                           n_train_synthetic=r["train"]["n_synthetic"], dice=d["all"], dice_with_lesion=d["with_lesion"]))
+    return {"per_seed": per_seed, "dice_over_seeds": stats.summarize_seeds([p["dice"]["mean"] for p in per_seed]),
+            "n_seeds": len(results)}
+
+  def _segmentation(self) -> dict[str, Any]:
+    ok, why = self.segmentation_possible()
+    if ok and not self.synthetic.has_masks:
+      ok, why = False, "the synthetic cohort has no masks"
+    if not ok:
+      return {"skipped": why}
+    real_arm, syn_arm = Arm("SEG_real", 1.0, False), Arm("SEG_synthetic", 0.0, True)
+    real = [self.run_segmenter(real_arm, k) for k in self.seeds()]
+    syn = [self.run_segmenter(syn_arm, k) for k in self.seeds()]
+    deltas = []
+    by_seed = {r["seed"]: r for r in real}
+    for r in syn:
+      if r["seed"] in by_seed:
+        d = np.asarray(r["test"]["dice"]) - np.asarray(by_seed[r["seed"]]["test"]["dice"])
+        deltas.append(dict(seed=r["seed"], **_bootstrap_mean(d, int(self.ev.n_boot), float(self.ev.alpha),
+                                                              str(self.ev.ci_method))))
+    return {"SEG_real": self._seg_summary(real), "SEG_synthetic": self._seg_summary(syn),
+            "delta_synthetic_minus_real": {"per_seed": deltas, "over_seeds": stats.summarize_seeds(
+                [d["mean"] for d in deltas]), "n_seeds": len(deltas),
+                "method": "paired per-subject Dice differences, bootstrap of their mean"}}
+
+  # ---------------------------------------------------------------- fidelity
+
+  def _features(self, predict, variables, sources: dict[str, loader.Source]) -> dict[str, np.ndarray]:
+    bs = int(self.ev.batch_size)
+    return {name: predict_source(predict, variables, src, bs)["features"].astype(np.float64)
+            for name, src in sources.items() if src is not None}
+
+  def _fd_kid(self, name: str, feats: dict[str, np.ndarray], n_seeds: int) -> dict[str, Any]:
+    ev = self.ev
+    nb, alpha = int(ev.fidelity_boot), float(ev.alpha)
+    kid_kw = dict(num_subsets=int(ev.kid_subsets), subset_size=int(ev.kid_subset_size))
+    kid_fn = lambda a, b: fidelity.kernel_inception_distance(a, b, **kid_kw)[0]
+    out = {}
+    pairs = [("real_test_vs_synthetic", feats["test"], feats["synthetic"])]
+    if "val" in feats and len(feats["val"]) >= 2:
+      pairs.append(("real_val_vs_real_test (reference: two real samples)", feats["val"], feats["test"]))
+    for label, a, b in pairs:
+      kid_mean, kid_sd = fidelity.kernel_inception_distance(a, b, **kid_kw)
+      fd_entry = dict(value=_fd(a, b), **_two_sample_bootstrap(a, b, _fd, nb, alpha), n_a=len(a), n_b=len(b),
+                      dim=int(a.shape[1]), n_seeds=n_seeds)
+      kid_entry = dict(value=kid_mean, sd_over_subsets=kid_sd, **_two_sample_bootstrap(a, b, kid_fn, nb, alpha),
+                       n_a=len(a), n_b=len(b), n_seeds=n_seeds, **kid_kw)
+      out.setdefault(f"FD_{name}", {})[label] = fd_entry
+      out.setdefault(f"KID_{name}", {})[label] = kid_entry
+    return out
+
+  def _fidelity(self) -> dict[str, Any]:
+    trtr_dir = os.path.join(self.runs_dir(), "TRTR", "seed0")
+    task = self.classifier_task()
+    syn = self.synthetic.source()
+    sources = {"test": self.test_source, "synthetic": syn, "val": self.val_source}
+    out = {"extractors": {EXTRACTOR: f"penultimate features of the TRTR classifier (seed {self.base_seed}), "
+                                     f"{trtr_dir}"}}
+    out.update(self._fd_kid(EXTRACTOR, self._features(task.predict, _variables_from_run(trtr_dir), sources), 1))
+    if str(self.ev.feature_weights):
+      name, user_task, variables = self._user_extractor()
+      out["extractors"][name] = f"user-supplied weights {os.path.abspath(str(self.ev.feature_weights))}"
+      out.update(self._fd_kid(name, self._features(user_task.predict, variables, sources), 1))
+    out["ms_ssim_diversity"] = self._diversity(syn)
+    return out
+
+  def _diversity(self, syn: loader.Source) -> dict[str, Any]:
+    n_pairs = int(self.ev.diversity_pairs)
+    if self.real.meta.get("normalization") == "percentile":
+      data_range = 1.0
+    else:
+      vals = [self.train_source[i]["image"] for i in range(min(len(self.train_source), 16))]
+      data_range = float(np.max([v.max() for v in vals]) - np.min([v.min() for v in vals]))
+    out = {"data_range": data_range, "n_pairs": n_pairs, "note": "lower = more diverse; mean over random pairs",
+           "channels": {}}
+    for c, channel in enumerate(self.real.channels):
+      entry = {}
+      for label, src in (("synthetic", syn), ("real_train", self.train_source)):
+        if len(src) < 2:
+          continue
+        try:
+          mean, sd = fidelity.ms_ssim_diversity(_Volumes(src, c), data_range=data_range, n_pairs=n_pairs, seed=0)
+        except ValueError as e:   # e.g. a grid smaller than the SSIM window
+          entry[label] = {"skipped": str(e)}
+          continue
+        n = min(n_pairs, len(src) * (len(src) - 1) // 2)
+        z = scipy.stats.norm.ppf(1 - float(self.ev.alpha) / 2)
+        half = z * sd / math.sqrt(max(n, 1))
+        entry[label] = {"mean": mean, "sd": sd, "n_pairs": n, "n_volumes": len(src), "ci_low": mean - half,
+                        "ci_high": mean + half, "n_seeds": 1,
+                        "ci_method": "normal approximation over pairs (pairs share volumes: optimistic)"}
+      out["channels"][channel] = entry
+    return out
+
+  def _user_extractor(self):
+    path = os.path.abspath(os.path.expanduser(str(self.ev.feature_weights)))
+    name = str(self.ev.feature_name) or os.path.basename(path.rstrip("/")).split(".")[0]
+    variables = load_feature_weights(path)
+    head = variables["params"].get("head", {}).get("kernel")
+    num_classes = int(np.shape(head)[-1]) if head is not None else len(self.labels)
+    model_cfg = self.cls.model.to_dict()
+    model_cfg.update(self.ev.feature_model.to_dict())
+    model = classifier_lib.from_config(ml_collections.ConfigDict(model_cfg), num_classes)
+    task = ClassifierTask(model=model, name=f"extractor {name}")
+    check_weights(path, task, variables, self.real.shape + (len(self.real.channels),))
+    return name, task, variables
+
+
+# ------------------------------------------------------------------------------ user feature weights
+
+
+def load_feature_weights(path: str) -> dict[str, Any]:
+  """{'params': ..., **model_state} from a local checkpoint directory (this project's trainer), a
+  flax msgpack file (flax.serialization.to_bytes of {'params': ...}) or an .npz of 'params/a/b'
+  keys. Never downloads; any failure is a FeatureWeightsError naming the file."""
+  if not os.path.exists(path):
+    raise FeatureWeightsError(f"{path}: evaluate.feature_weights file not found (a local file or checkpoint "
+                              "directory is needed; nothing is downloaded)")
+  try:
+    if os.path.isdir(path):
+      sub = os.path.join(path, "checkpoints")
+      return _variables_from_ckpt(sub if os.path.isdir(sub) else path)
+    if path.endswith(".npz"):
+      tree: dict[str, Any] = {}
+      with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+          node = tree
+          parts = key.split("/")
+          for p in parts[:-1]:
+            node = node.setdefault(p, {})
+          node[parts[-1]] = np.asarray(z[key])
+    else:
+      with open(path, "rb") as f:
+        tree = flax.serialization.msgpack_restore(f.read())
+  except FeatureWeightsError:
+    raise
+  except Exception as e:
+    raise FeatureWeightsError(f"{path}: cannot load feature extractor weights ({type(e).__name__}: {e})") from None
+  if not isinstance(tree, dict) or not tree:
+    raise FeatureWeightsError(f"{path}: no parameters found")
+  return tree if "params" in tree else {"params": tree}
+
+
+def check_weights(path: str, task: ClassifierTask, variables: dict[str, Any], image_shape: tuple[int, ...]) -> None:
+  """Every parameter of the extractor architecture present with the right shape, or an error naming the file."""
+  abstract = jax.eval_shape(lambda: task.model.init(jax.random.key(0), np.zeros((1,) + tuple(image_shape), np.float32)))
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda b: getattr(b, "value", b), abstract["params"],
+                   is_leaf=lambda b: hasattr(b, "value") and hasattr(b, "names")))}
+  got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(variables["params"])}
+  problems = [f"{k}: missing" for k in want if k not in got]
+  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
+  problems += [f"{k}: not in the architecture" for k in got if k not in want]
+  if problems:
+    raise FeatureWeightsError(
+        f"{path}: weights do not fit the extractor architecture (classifier.model overlaid with "
+        f"evaluate.feature_model): {len(problems)} problem(s), e.g. " + "; ".join(problems[:5]))
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The log table of evaluation.json: per arm AUC per seed with CI, mean ± SD, comparisons, Dice, fidelity."""
+  cls = result["classification"]
+  lines = ["", "TSTR / TRTR study on the real test split "
+           f"(n = {result['real']['n_test']}: {result['real']['test_per_class']}); "
+           f"synthetic: {result['synthetic']['n']} scans from {result['synthetic']['dir']}",
+           f"{'arm':<11} {'train real/syn':>14}  {'AUC per seed [95% CI]':<44} {'mean ± SD (n)':<22} "
+           f"{'seed-mean scores [CI]':<22}"]
+  for name, arm in cls["arms"].items():
+    ps = arm["per_seed"]
+    per = "; ".join(f"{p['auc']:.3f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" for p in ps[:2])
+    if len(ps) > 2:
+      per += f"; +{len(ps) - 2}"
+    comp = f"{ps[0]['n_train_real']}/{ps[0]['n_train_synthetic']}"
+    e = arm["seed_mean_scores"]
+    lines.append(f"{name:<11} {comp:>14}  {per:<44} {stats.format_mean_sd(arm['auc_over_seeds']):<22} "
+                 f"{e['auc']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]")
+  for name, c in cls["comparisons"].items():
+    e = c["seed_mean_scores"]
+    lines.append(f"Δ {name:<20} per seed {stats.format_mean_sd(c['delta_over_seeds'])}; seed-mean scores "
+                 f"{e['delta']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] p={e['p_value']:.3g}")
+  r = cls.get("tstr_trtr_ratio", {})
+  if "value" in r:
+    lines.append(f"TSTR / TRTR AUC ratio {r['value']:.3f} (seeds' anchor: 0.754 / 0.810 = {r['seed_reference']:.3f})")
+  seg = result.get("segmentation", {})
+  if "skipped" in seg:
+    lines.append(f"segmentation: skipped ({seg['skipped']})")
+  else:
+    for name in ("SEG_real", "SEG_synthetic"):
+      s = seg[name]
+      lines.append(f"{name:<14} Dice on real test {stats.format_mean_sd(s['dice_over_seeds'])}; seed 0: "
+                   f"{s['per_seed'][0]['dice']['mean']:.3f} [{s['per_seed'][0]['dice']['ci_low']:.3f}, "
+                   f"{s['per_seed'][0]['dice']['ci_high']:.3f}]")
+  fid = result["fidelity"]
+  for key, entry in fid.items():
+    if key.startswith(("FD_", "KID_")):
+      for label, v in entry.items():
+        lines.append(f"{key:<22} {label:<54} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}] "
+                     f"(n {v['n_a']} vs {v['n_b']})")
+  for channel, d in fid["ms_ssim_diversity"]["channels"].items():
+    lines.append("MS-SSIM diversity " + channel + ": " + ", ".join(
+        f"{k} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}] ({v['n_pairs']} pairs)" if "mean" in v
+        else f"{k} skipped ({v['skipped']})" for k, v in d.items()))
+  return "\n".join(lines)

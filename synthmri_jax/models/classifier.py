@@ -1,0 +1,131 @@
+"""3D ResNet-style classifier: the diagnosis model of the TSTR / TRTR study and the default
+feature extractor of FD / KID.
+
+Why this shape: the study trains it a dozen times per evaluation (arms x seeds), so it must be
+small and fast on CPU while still finding focal anatomy (ventricles, hippocampi). Pre-activation
+residual blocks with GroupNorm (batch-size independent, so the 1 %-real arm with a handful of
+subjects trains like the others) and a stride-2 convolution at the start of every stage after
+the first; global average pooling gives the penultimate features. Normalisation sits only on
+the residual branches: GroupNorm normalises each scan on its own, so a GroupNorm on the main path
+(before a downsampling or the pooling) would erase exactly the per-scan global amounts that
+separate classes (how much CSF, how dark the hippocampi), and the network could not learn them
+(measured on the quickstart cohort: test AUC ~0.5-0.6 with it, see the classify stage logs). `stem_stride=2` makes the
+stem a strided convolution, so no residual block runs at the full grid: ~8x less compute, the
+setting that keeps the quickstart study within minutes on 2 CPU cores (the strided stem still
+reads every voxel).
+
+    model = ResNet3D(num_classes=2)
+    logits = model.apply(variables, x)                          # (B, K)
+    logits, feats = model.apply(variables, x, return_features=True)
+    feats = model.apply(variables, x, method=ResNet3D.features)   # (B, channels[-1]) float32
+
+Binary problems use K = 2 logits and a softmax, like multi-class ones, so the task and the
+statistics need no special case (the positive-class score is probs[:, 1]). Every 3D
+convolution goes through synthmri_jax.models.conv.Conv3D (backend-specific formulation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from synthmri_jax.models.conv import Conv3D
+from synthmri_jax.training.mesh import constrain
+
+ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
+# He init (variance 2 / fan_in) rather than conv.py's PyTorch default (1 / (3 fan_in)): with the
+# latter the main path shrinks ~6x in variance per convolution, scans become nearly
+# indistinguishable at the pooled features, and some seeds never leave chance level.
+HE_INIT = nn.initializers.he_normal()
+
+
+def per_stage(value: int | Sequence[int], stages: int, name: str) -> tuple[int, ...]:
+  """An int (same for every stage) or one entry per stage."""
+  if isinstance(value, int):
+    return (int(value),) * stages
+  out = tuple(int(v) for v in value)
+  if len(out) != stages:
+    raise ValueError(f"{name} needs one entry per stage ({stages}), got {out}")
+  return out
+
+
+def group_norm(channels: int, groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with the largest group count <= `groups` that divides `channels`; scale / bias
+  annotated 'norm' (replicated). Statistics in float32 whatever the activation dtype."""
+  g = math.gcd(int(channels), max(1, int(groups)))
+  return nn.GroupNorm(num_groups=g, dtype=dtype, param_dtype=jnp.float32, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block: x + conv(act(GN(conv(act(GN(x)))))); channels unchanged."""
+
+  channels: int
+  norm_groups: int = 4
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.silu(group_norm(self.channels, self.norm_groups, self.dtype, "norm_0")(x))
+    h = Conv3D(self.channels, kernel_size=3, strides=1, padding="SAME", use_bias=True, impl=self.conv_impl,
+               dtype=self.dtype, kernel_init=HE_INIT, name="conv_0")(h)
+    h = nn.silu(group_norm(self.channels, self.norm_groups, self.dtype, "norm_1")(h))
+    if self.dropout > 0:
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Conv3D(self.channels, kernel_size=3, strides=1, padding="SAME", use_bias=True, impl=self.conv_impl,
+               dtype=self.dtype, kernel_init=HE_INIT, name="conv_1")(h)
+    return constrain(x + h, ACT_5D)
+
+
+class ResNet3D(nn.Module):
+  """Volumes (B, X, Y, Z, C) -> class logits (B, num_classes); see the module docstring."""
+
+  num_classes: int = 2
+  channels: Sequence[int] = (8, 16, 32)
+  blocks: int | Sequence[int] = 1
+  stem_stride: int = 1
+  norm_groups: int = 4
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    if self.num_classes < 2:
+      raise ValueError(f"num_classes must be >= 2 (binary uses 2 logits), got {self.num_classes}")
+    blocks = per_stage(self.blocks, len(self.channels), "blocks")
+    x = constrain(x.astype(self.dtype), ACT_5D)
+    x = Conv3D(self.channels[0], kernel_size=3, strides=self.stem_stride, padding="SAME", use_bias=True,
+               impl=self.conv_impl, dtype=self.dtype, kernel_init=HE_INIT, name="stem")(x)
+    for i, (c, n) in enumerate(zip(self.channels, blocks)):
+      if i > 0:
+        x = Conv3D(c, kernel_size=3, strides=2, padding="SAME", use_bias=True, impl=self.conv_impl,
+                   dtype=self.dtype, kernel_init=HE_INIT, name=f"down_{i}")(x)
+        x = constrain(x, ACT_5D)
+      for j in range(n):
+        x = ResBlock(c, self.norm_groups, self.dropout, self.dtype, self.conv_impl, name=f"stage{i}_block{j}")(x, train)
+    feats = constrain(jnp.mean(nn.silu(x).astype(jnp.float32), axis=(1, 2, 3)), ("batch", "act_channels"))
+    h = nn.Dropout(self.dropout, deterministic=not train)(feats) if self.dropout > 0 else feats
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head",
+                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(h)
+    return (logits, feats) if return_features else logits
+
+  def features(self, x, train: bool = False):
+    """Penultimate features (B, channels[-1]), float32: the FD / KID embedding."""
+    return self(x, train=train, return_features=True)[1]
+
+
+def from_config(model_cfg, num_classes: int) -> ResNet3D:
+  """ResNet3D from a `classifier.model` config block."""
+  return ResNet3D(num_classes=int(num_classes), channels=tuple(int(c) for c in model_cfg.channels),
+                  blocks=model_cfg.blocks if isinstance(model_cfg.blocks, int) else tuple(model_cfg.blocks),
+                  stem_stride=int(model_cfg.get("stem_stride", 1)),
+                  norm_groups=int(model_cfg.norm_groups), dropout=float(model_cfg.dropout),
+                  dtype=jnp.dtype(str(model_cfg.dtype)), conv_impl=str(model_cfg.conv_impl))
