@@ -23,6 +23,18 @@ Pipelines (every process builds the same global stream; only the slice it takes 
                 read_options=None) -> grain.DatasetIterator
       One pass in source order, padded with zero elements (valid=False, index=-1) to a multiple of G, so
       every example is evaluated exactly once: weight per-example results with batch['valid'].
+  poisson_train_iterator(source, expected_batch_size, seed, *, max_batch_size=0, overflow_tolerance=1e-15,
+                         multiple_of=1, augment=None, num_steps=None, process_index=None, process_count=None,
+                         read_options=None) -> grain.DatasetIterator
+      DP-SGD batches as the accountant (training/dp_accounting.py) assumes them: at every step each example
+      joins independently with probability q = expected_batch_size / len(source). Batches have a fixed
+      padded size M = PoissonSampling.max_batch_size (rows past the sampled ones: zeros, valid=False,
+      index=-1), M chosen so that P(Binomial(n, q) > M) <= overflow_tolerance; on the rare step that
+      samples more than M examples a uniformly random M of them are kept (truncated Poisson sampling,
+      Chua et al. 2024: it costs at most (1 + e^eps) * steps * P(overflow) in delta, which the trainer
+      records in dp.json with the exact number of overflowed steps). Step s's sample depends on (seed, s)
+      only; process p takes padded positions p, p+P, ...; augmentation is keyed on (seed, s, position).
+      The iterator carries `.poisson_sampling` (a PoissonSampling), which the trainer's DP mode reads.
   Augment(intensity_jitter, flip_axes); Augment.from_config(config.data)
       Per channel: image * U(1-j, 1+j) + U(-j, j); each spatial axis in flip_axes flipped with p=1/2
       (mask flipped identically). Applied to the 'image' and 'mask' keys only.
@@ -46,6 +58,7 @@ from typing import Any, Protocol
 import grain
 import jax
 import numpy as np
+import scipy.stats
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from synthmri_jax.data.cache import PreparedCohort
@@ -53,7 +66,7 @@ from synthmri_jax.data.cache import PreparedCohort
 Element = dict[str, np.ndarray]
 BATCH_AXES = ("data", "fsdp")
 _SEX_CODES = {"f": 0, "female": 0, "0": 0, "m": 1, "male": 1, "1": 1}
-_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
+_SHUFFLE_TAG, _AUGMENT_TAG, _POISSON_TAG = 0, 1, 2
 
 
 class Source(Protocol):
@@ -312,6 +325,155 @@ def eval_iterator(source: Source, global_batch_size: int, *, process_index: int 
                            process_count=process_count, read_options=read_options))
 
 
+# ---------------------------------------------------------------- Poisson sampling (DP-SGD)
+
+
+def poisson_max_batch_size(dataset_size: int, expected_batch_size: int, overflow_tolerance: float = 1e-15,
+                           multiple_of: int = 1) -> int:
+  """Smallest padded batch M (a multiple of `multiple_of`) with P(Binomial(n, q) > M) <= overflow_tolerance.
+
+  Capped at n rounded up (nothing can overflow then): on small cohorts M may equal the dataset.
+  """
+  n, b = int(dataset_size), int(expected_batch_size)
+  if not 1 <= b <= n:
+    raise ValueError(f"expected batch size must be in [1, dataset size {n}], got {b}")
+  if not 0.0 < overflow_tolerance < 1.0:
+    raise ValueError(f"overflow_tolerance must be in (0, 1), got {overflow_tolerance}")
+  q = b / n
+  m = max(b, int(scipy.stats.binom.isf(overflow_tolerance, n, q)))
+  while m < n and scipy.stats.binom.sf(m, n, q) > overflow_tolerance:
+    m += 1
+  m = min(m, n)
+  k = max(1, int(multiple_of))
+  return -(-m // k) * k
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampling:
+  """Which rows step s trains on: each of `dataset_size` rows independently with probability q.
+
+  Drawn as count ~ Binomial(n, q), then that many distinct rows uniformly (the same law as n
+  independent coin flips, at O(count) cost), from a generator seeded by (seed, s) alone.
+  """
+
+  dataset_size: int
+  expected_batch_size: int
+  max_batch_size: int
+  seed: int
+
+  def __post_init__(self):
+    if not 1 <= self.expected_batch_size <= self.dataset_size:
+      raise ValueError(f"expected_batch_size {self.expected_batch_size} must be in [1, {self.dataset_size}]")
+    if self.max_batch_size < self.expected_batch_size:
+      raise ValueError(f"max_batch_size {self.max_batch_size} < expected_batch_size {self.expected_batch_size}")
+
+  @property
+  def q(self) -> float:
+    return self.expected_batch_size / self.dataset_size
+
+  @property
+  def overflow_probability(self) -> float:
+    """P(a step samples more than max_batch_size rows)."""
+    return float(scipy.stats.binom.sf(self.max_batch_size, self.dataset_size, self.q))
+
+  def _rng(self, step: int) -> np.random.Generator:
+    return np.random.default_rng([int(self.seed) & 0xFFFFFFFF, _POISSON_TAG, int(step)])
+
+  def count(self, step: int) -> int:
+    """How many rows step `step` sampled (before truncation to max_batch_size)."""
+    return int(self._rng(step).binomial(self.dataset_size, self.q))
+
+  def sample(self, step: int) -> np.ndarray:
+    """The rows of step `step`, in random order, truncated to max_batch_size (a uniform subset)."""
+    rng = self._rng(step)
+    k = int(rng.binomial(self.dataset_size, self.q))
+    rows = rng.choice(self.dataset_size, size=k, replace=False)
+    return rows[:self.max_batch_size].astype(np.int64)
+
+  def overflow_steps(self, num_steps: int) -> int:
+    """Steps among [0, num_steps) whose sample was truncated (exact: the samples are deterministic)."""
+    return sum(self.count(s) > self.max_batch_size for s in range(int(num_steps)))
+
+  def to_json(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "sampling_probability": self.q,
+            "overflow_probability_per_step": self.overflow_probability}
+
+
+class _PoissonSlots:
+  """(step, slot) -> element for one process: slot j is padded position p + j*P of step `step`'s batch."""
+
+  def __init__(self, source: Source, sampling: PoissonSampling, per_host: int, process_index: int,
+               process_count: int, num_steps: int | None, augment: Augment | None, seed: int):
+    self.source, self.sampling, self.per_host = source, sampling, per_host
+    self.p, self.count = process_index, process_count
+    self.length = per_host * (int(num_steps) if num_steps is not None else 2 ** 40)
+    self.augment = augment if augment is not None and not augment.is_identity else None
+    self.aug_seed = _derive_seed(seed, _AUGMENT_TAG)
+    self.pad = {k: np.zeros_like(v) for k, v in source[0].items()}
+    self.pad.update(index=np.int32(-1), valid=np.bool_(False))
+    self._cache: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return self.length
+
+  def _rows(self, step: int) -> np.ndarray:
+    rows = self._cache.get(step)
+    if rows is None:
+      if len(self._cache) > 64:
+        self._cache.clear()
+      rows = self._cache[step] = self.sampling.sample(step)
+    return rows
+
+  def __getitem__(self, k: int) -> Element:
+    step, j = divmod(int(k), self.per_host)
+    pos = self.p + j * self.count
+    rows = self._rows(step)
+    if pos >= len(rows):
+      return dict(self.pad)
+    element = {**self.source[int(rows[pos])], "index": np.int32(rows[pos]), "valid": np.bool_(True)}
+    if self.augment is not None:
+      element = self.augment(element, np.random.default_rng([self.aug_seed, step, pos]))
+    return element
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": {}}
+
+
+def poisson_train_dataset(source: Source, expected_batch_size: int, seed: int, *, max_batch_size: int = 0,
+                          overflow_tolerance: float = 1e-15, multiple_of: int = 1, augment: Augment | None = None,
+                          num_steps: int | None = None, process_index: int | None = None,
+                          process_count: int | None = None,
+                          read_options: grain.ReadOptions | None = None) -> tuple[grain.IterDataset, PoissonSampling]:
+  """(this process's Poisson-sampled pipeline, its PoissonSampling); see the module docstring.
+
+  max_batch_size 0: poisson_max_batch_size(n, B, overflow_tolerance); either way rounded up to a
+  multiple of lcm(multiple_of, process count) (pass the mesh's data*fsdp size).
+  """
+  p, count = _processes(process_index, process_count)
+  n = len(source)
+  step = int(np.lcm(max(1, int(multiple_of)), count))
+  if max_batch_size:
+    cap = -(-int(max_batch_size) // step) * step
+  else:
+    cap = poisson_max_batch_size(n, expected_batch_size, overflow_tolerance, step)
+  sampling = PoissonSampling(dataset_size=n, expected_batch_size=int(expected_batch_size), max_batch_size=cap,
+                             seed=int(seed))
+  per_host = per_host_batch_size(cap, count)
+  slots = _PoissonSlots(source, sampling, per_host, p, count, num_steps, augment, seed)
+  ds = grain.MapDataset.source(slots)
+  ds = ds.to_iter_dataset(read_options or _default_read_options(per_host)).batch(per_host, drop_remainder=True)
+  return ds, sampling
+
+
+def poisson_train_iterator(source: Source, expected_batch_size: int, seed: int, **kwargs) -> grain.DatasetIterator:
+  """Iterator over this host's Poisson-sampled batches (`poisson_train_dataset`'s arguments);
+  checkpointable like train_iterator, with `.poisson_sampling` set."""
+  ds, sampling = poisson_train_dataset(source, expected_batch_size, seed, **kwargs)
+  it = iter(ds)
+  it.poisson_sampling = sampling
+  return it
+
+
 # ---------------------------------------------------------------- global arrays
 
 
@@ -347,7 +509,8 @@ def global_batches(iterator: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "ArraySource", "Augment", "BATCH_AXES", "CohortSource", "Source", "batch_sharding", "eval_dataset",
-    "eval_iterator", "eval_num_batches", "global_batches", "make_global_batch", "per_host_batch_size",
+    "ArraySource", "Augment", "BATCH_AXES", "CohortSource", "PoissonSampling", "Source", "batch_sharding",
+    "eval_dataset", "eval_iterator", "eval_num_batches", "global_batches", "make_global_batch",
+    "per_host_batch_size", "poisson_max_batch_size", "poisson_train_dataset", "poisson_train_iterator",
     "steps_per_epoch", "train_dataset", "train_iterator",
 ]

@@ -40,7 +40,24 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500     # async orbax save every N steps (and always at the end)
   t.keep_checkpoints = 3
   t.seed = 0                   # run key: params init and per-step rngs
+  t.dp = default_dp_config()   # DP-SGD (off by default); see trainer.py "DP-SGD"
   return t
+
+
+def default_dp_config() -> ml_collections.ConfigDict:
+  """`train.dp`: DP-SGD with per-example clipping, Gaussian noise and Poisson-sampled batches."""
+  d = ml_collections.ConfigDict()
+  d.enabled = False
+  d.l2_clip = 1.0              # C: each example's gradient is scaled to global L2 norm <= C
+  d.noise_multiplier = 1.0     # sigma: noise std = sigma * C per coordinate (used when target_epsilon is 0)
+  d.target_epsilon = 0.0       # > 0: sigma calibrated before training so that train.steps steps spend this epsilon
+  d.delta = 0.0                # 0: 1 / (10 n), n = the private training set's size
+  d.accountant = "pld"         # accountant of the calibration ('pld' | 'rdp'); dp.json reports both
+  d.max_batch_size = 0         # padded Poisson batch; 0: smallest with P(overflow) <= overflow_tolerance
+  d.overflow_tolerance = 1e-15  # per-step P(Binomial(n, q) > max_batch_size); costs (1 + e^eps) * steps * it in delta
+  d.microbatch = 0             # per-example gradients vectorised this many rows at a time (lax.scan over chunks;
+                               # 1: no vmap); 0: auto = 1 on CPU (least memory, same speed), the whole batch on GPU/TPU
+  return d
 
 
 def train_config(config: Any) -> ml_collections.ConfigDict:
@@ -57,7 +74,16 @@ def train_config(config: Any) -> ml_collections.ConfigDict:
     if unknown:
       raise ValueError(f"unknown config.train fields {unknown}; known: {sorted(out.keys())}")
     for k in block.keys():
-      out[k] = block[k]
+      if k == "dp":
+        given = block[k]
+        given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+        bad = sorted(set(given) - set(out.dp.keys()))
+        if bad:
+          raise ValueError(f"unknown config.train.dp fields {bad}; known: {sorted(out.dp.keys())}")
+        for kk, v in given.items():
+          out.dp[kk] = v
+      else:
+        out[k] = block[k]
   if out.grad_accum < 1:
     raise ValueError(f"train.grad_accum must be >= 1, got {out.grad_accum}")
   if out.compute_dtype not in ("float32", "bfloat16", "float16"):
@@ -66,6 +92,18 @@ def train_config(config: Any) -> ml_collections.ConfigDict:
     raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {out.schedule!r}")
   if not 0.0 <= out.ema_decay < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1), got {out.ema_decay}")
+  dp = out.dp
+  if dp.enabled:
+    if not dp.l2_clip > 0:
+      raise ValueError(f"train.dp.l2_clip must be > 0, got {dp.l2_clip}")
+    if dp.target_epsilon < 0 or (dp.target_epsilon == 0 and dp.noise_multiplier < 0):
+      raise ValueError("train.dp: set noise_multiplier >= 0 or target_epsilon > 0")
+    if dp.accountant not in ("pld", "rdp"):
+      raise ValueError(f"train.dp.accountant must be 'pld' or 'rdp', got {dp.accountant!r}")
+    if not 0.0 <= dp.delta < 1.0:
+      raise ValueError(f"train.dp.delta must be in [0, 1) (0: 1/(10 n)), got {dp.delta}")
+    if dp.microbatch < 0:
+      raise ValueError(f"train.dp.microbatch must be >= 0, got {dp.microbatch}")
   return out
 
 
