@@ -1,0 +1,52 @@
+"""The `classify` and `evaluate` stages.
+
+classify   trains the TRTR classifiers (evaluate.seeds of them) on the real train split and, when
+           the cohort has masks, the real-data segmenters; writes WORKDIR/evaluation/classify.json.
+evaluate   ingests the synthetic cohort (evaluate.synthetic_dir, default WORKDIR/synthetic) onto
+           the prepared grid once, runs the whole study (synthmri_jax.evaluation.tstr; writes
+           WORKDIR/evaluation/evaluation.json; runs that `classify` trained are reused) and then,
+           with privacy.enabled, the privacy report on the same cohort
+           (synthmri_jax.evaluation.privacy; WORKDIR/evaluation/privacy.json).
+Both resume: finished runs are skipped, interrupted ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from synthmri_jax.data.cache import load_prepared
+from synthmri_jax.evaluation import config as config_lib
+from synthmri_jax.evaluation import privacy
+from synthmri_jax.evaluation import privacy_config
+from synthmri_jax.evaluation import tstr
+from synthmri_jax.evaluation.synthetic_cohort import load_synthetic_cohort
+
+
+def run_classify(config, workdir: str) -> dict[str, Any]:
+  return tstr.Study(config, workdir).train_real()
+
+
+def synthetic_dir(config, workdir: str) -> str:
+  ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+  return os.path.abspath(os.path.expanduser(str(ev.synthetic_dir))) if str(ev.synthetic_dir) else \
+      os.path.join(os.path.abspath(workdir), "synthetic")
+
+
+def load_synthetic(config, workdir: str):
+  """The evaluate stage's synthetic cohort, ingested onto the prepared grid (cached in
+  WORKDIR/evaluation/synthetic_cache)."""
+  ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+  workdir = os.path.abspath(workdir)
+  return load_synthetic_cohort(
+      synthetic_dir(config, workdir), load_prepared(workdir), os.path.join(tstr.evaluation_dir(workdir), "synthetic_cache"),
+      on_bad_file=str(ev.on_bad_file), num_workers=int(ev.num_workers))
+
+
+def run_evaluate(config, workdir: str) -> dict[str, Any]:
+  workdir = os.path.abspath(workdir)
+  synthetic = load_synthetic(config, workdir)
+  result = tstr.Study(config, workdir, synthetic).run()
+  if bool(privacy_config.block(config).enabled):
+    result = dict(result, privacy=privacy.run_privacy_on(config, workdir, synthetic))
+  return result
