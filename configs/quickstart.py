@@ -6,12 +6,17 @@ Any field can be overridden on the command line, e.g. --config.data.spacing_mm=3
 
 import ml_collections
 
+from synthmri_jax.evaluation.config import classifier_config, evaluate_config
+from synthmri_jax.evaluation.privacy_config import privacy_config
+from synthmri_jax.training.tasks.ldm_config import ldm_config, sample_config
+from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Comma-separated, run in this order. Known stages: see synthmri_jax.stages.STAGE_ORDER.
-  c.stages = "prepare"
+  c.stages = "prepare,tokenizer,ldm,sample,classify,evaluate,report"
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -45,6 +50,29 @@ def get_config() -> ml_collections.ConfigDict:
   e.lesion_fraction = 1.0      # share of subjects with a lesion when lesions=True (the rest get empty masks)
   e.vary_storage = True        # store ~30 % of files LAS/LPI and ~half int16+scl_slope, to exercise ingest
   e.seed = 0
+
+  # ---------------------------------------------------------------- models and study
+  # Each block's defaults and every field's meaning: the module named in the import above.
+  c.tokenizer = tokenizer_config("quickstart")   # dual-codebook VQ tokenizer (variant: dual | vqvae | vqgan)
+  c.ldm = ldm_config("quickstart")               # conditional latent DDPM (train.dp: DP-SGD, privacy_config.dp_config)
+  c.sample = sample_config("quickstart")         # the synthetic cohort written to WORKDIR/synthetic
+  c.classifier = classifier_config()             # TSTR/TRTR classifier (and lesion segmenter when masks exist)
+  c.evaluate = evaluate_config()                 # the study: arms, seeds, fidelity
+  c.privacy = privacy_config("quickstart")       # copy detection, DCR, membership inference, epsilon per model
+
+  # The 15-minute budget on 2 CPU cores (measured per stage in README "What runs today"). These
+  # are demonstration budgets: every stage runs for real, but far shorter than a study needs
+  # (configs/gpu_2mm.py has those); raise them freely when you have the time.
+  c.tokenizer.stages = "clinical,generative"     # the joint fine-tuning stage (3rd) is off on CPU
+  c.tokenizer.stage_train.clinical.steps = 60
+  c.tokenizer.stage_train.generative.steps = 140
+  c.ldm.train.steps = 120
+  c.ldm.train.warmup_steps = 12
+  c.sample.num_subjects = 48
+  c.sample.steps = 25                            # DDIM steps
+  c.classifier.train.steps = 100
+  c.privacy.encoder.train.steps = 150
+  c.privacy.encoder.train.checkpoint_every = 150
 
   # ---------------------------------------------------------------- mesh
   m = c.mesh = ml_collections.ConfigDict()

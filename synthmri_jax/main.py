@@ -50,7 +50,7 @@ def main(argv):
   resolved = json.loads(config.to_json(sort_keys=True))
   if is_main:
     io.write_json_atomic(os.path.join(workdir, "config.json"), {"config": resolved, "config_hash": config_hash(config)})
-  logging.info("workdir %s, stages %s, config hash %s", workdir, ",".join(names), config_hash(config))
+  print(f"workdir {workdir}, stages {','.join(names)}, config hash {config_hash(config)}", flush=True)
   timings = io.read_json(os.path.join(workdir, "timings.json"), default={})
   for i, name in enumerate(names, 1):
     print(f"[{i}/{len(names)}] stage {name} ...", flush=True)
@@ -77,6 +77,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  # Library INFO logs (orbax's per-checkpoint lines, XLA backend probing) drown the progress lines;
+  # absl's --verbosity=0 brings them back.
+  flags.FLAGS.set_default("verbosity", logging.converter.ABSL_WARNING)
   app.run(main, flags_parser=_parse_flags)
 
 

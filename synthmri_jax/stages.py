@@ -10,6 +10,12 @@ from typing import Callable
 # Imported lazily so that `prepare` never pays for building models.
 STAGES: dict[str, str] = {
     "prepare": "synthmri_jax.data.prepare:run",
+    "tokenizer": "synthmri_jax.training.tasks.tokenizer_stage:run",
+    "ldm": "synthmri_jax.training.tasks.ldm:run_ldm",
+    "sample": "synthmri_jax.sampling:run_sample",
+    "classify": "synthmri_jax.evaluation.stage:run_classify",
+    "evaluate": "synthmri_jax.evaluation.stage:run_evaluate",
+    "report": "synthmri_jax.report:run",
 }
 
 # The order a full run takes; a stage listed here but not in STAGES is not built yet.

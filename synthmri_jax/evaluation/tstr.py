@@ -238,17 +238,23 @@ def _bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, 
 
 
 def _two_sample_bootstrap(a: np.ndarray, b: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
-                          n_boot: int, alpha: float, seed: int = 0) -> dict[str, Any]:
-  """Percentile interval of fn(a, b) resampling the rows of each set independently (scipy.stats.bootstrap)."""
+                          n_boot: int, alpha: float, seed: int = 0, floor: float | None = None) -> dict[str, Any]:
+  """Basic (reverse-percentile) interval of fn(a, b), resampling the rows of each set independently
+  (scipy.stats.bootstrap). Not the percentile interval: a resample repeats subjects, which inflates
+  distances such as FD (on 16 vs 24 real scans the percentile interval excluded the estimate);
+  the basic interval reflects that bias around the estimate. `floor`: the statistic's lower bound
+  (0 for FD), applied to the interval."""
   ia, ib = np.arange(len(a)), np.arange(len(b))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     res = scipy.stats.bootstrap((ia, ib), lambda i, j: fn(a[i], b[j]), n_resamples=n_boot, vectorized=False,
-                                paired=False, confidence_level=1 - alpha, method="percentile",
+                                paired=False, confidence_level=1 - alpha, method="basic",
                                 rng=np.random.default_rng(seed))
-  return {"ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high),
-          "se": float(res.standard_error), "n_boot": int(n_boot), "alpha": float(alpha),
-          "method": "percentile bootstrap (subjects of each set resampled)"}
+  lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+  if floor is not None:
+    lo, hi = max(lo, floor), max(hi, floor)
+  return {"ci_low": lo, "ci_high": hi, "se": float(res.standard_error), "n_boot": int(n_boot), "alpha": float(alpha),
+          "method": "basic bootstrap (subjects of each set resampled)" + ("" if floor is None else f", floored at {floor:g}")}
 
 
 def json_safe(obj: Any) -> Any:
@@ -634,7 +640,7 @@ class Study:
       pairs.append(("real_val_vs_real_test (reference: two real samples)", feats["val"], feats["test"]))
     for label, a, b in pairs:
       kid_mean, kid_sd = fidelity.kernel_inception_distance(a, b, **kid_kw)
-      fd_entry = dict(value=_fd(a, b), **_two_sample_bootstrap(a, b, _fd, nb, alpha), n_a=len(a), n_b=len(b),
+      fd_entry = dict(value=_fd(a, b), **_two_sample_bootstrap(a, b, _fd, nb, alpha, floor=0.0), n_a=len(a), n_b=len(b),
                       dim=int(a.shape[1]), n_seeds=n_seeds)
       kid_entry = dict(value=kid_mean, sd_over_subsets=kid_sd, **_two_sample_bootstrap(a, b, kid_fn, nb, alpha),
                        n_a=len(a), n_b=len(b), n_seeds=n_seeds, **kid_kw)

@@ -1,0 +1,22 @@
+"""GPU / TPU: the embedded cohort at 1 mm (176x208x176), the 2 mm config's models with remat.
+
+Run:  python -m synthmri_jax.main --config configs/gpu_1mm.py --workdir runs/gpu_1mm
+At 1 mm a 4-level tokenizer's generative latent is 22x26x22; the U-Net rematerialises its
+blocks to fit a batch per device. Scale out with mesh.fsdp (docs/SCALING.md).
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location(
+      "gpu_2mm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_2mm.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(spacing_mm=1.0, shape=(176, 208, 176))
+  c.data.batch_size = 4
+  c.tokenizer.batch_size = 4
+  c.ldm.model.remat = True
+  c.ldm.batch_size = 16
+  return c
