@@ -382,7 +382,9 @@ def _run_section(inp: Inputs) -> Section:
   items.append(f"Report written: {time.strftime('%Y-%m-%d %H:%M:%S %z')}")
   sec.add(items)
   if inp.timings:
-    rows = [[name, fmt_seconds(sec_)] for name, sec_ in inp.timings.items()]
+    from synthmri_jax.stages import STAGE_ORDER
+    order = lambda name: STAGE_ORDER.index(name) if name in STAGE_ORDER else len(STAGE_ORDER)
+    rows = [[name, fmt_seconds(inp.timings[name])] for name in sorted(inp.timings, key=order)]
     total = sum(v for v in (_num(x) for x in inp.timings.values()) if v is not None)
     rows.append(["**total**", fmt_seconds(total)])
     sec.add(Table(["stage", "wall time (s, h:mm:ss)"], rows, "Stage wall times (timings.json)"))
@@ -524,9 +526,9 @@ def _ldm_section(inp: Inputs) -> Section:
 
 
 def _mid_slices(v: np.ndarray) -> list[np.ndarray]:
-  """Axial, coronal, sagittal mid slices of an RAS+ (X, Y, Z) volume, oriented for origin='lower'."""
-  x, y, z = (s // 2 for s in v.shape[:3])
-  return [v[:, :, z].T, v[:, y, :].T, v[x, :, :].T]
+  """Axial, coronal, sagittal mid slices (origin='lower'), as in the privacy figures."""
+  from synthmri_jax.evaluation.privacy import mid_slices
+  return mid_slices(v)
 
 
 def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tuple[list[np.ndarray], str]:

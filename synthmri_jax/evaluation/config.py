@@ -97,21 +97,23 @@ def block(config: Any, name: str, defaults: Callable[[], ml_collections.ConfigDi
   out = defaults().to_dict()
   given = config.get(name, None) if config is not None else None
   if given is not None:
-    _overlay(out, given.to_dict() if hasattr(given, "to_dict") else dict(given), name)
+    overlay(out, given.to_dict() if hasattr(given, "to_dict") else dict(given), name)
   return ml_collections.ConfigDict(out, type_safe=False)
 
 
-_OPEN = ("classifier.train", "classifier.segmenter.train", "evaluate.feature_model")
+_OPEN = ("classifier.train", "classifier.segmenter.train", "evaluate.feature_model", "privacy.encoder.train")
 
 
-def _overlay(out: dict, given: dict, where: str) -> None:
+def overlay(out: dict, given: dict, where: str, open_blocks: tuple[str, ...] = _OPEN) -> None:
+  """Recursively writes `given` into the defaults `out`; a key the defaults lack is an error
+  naming its full path, except inside `open_blocks` (checked elsewhere, e.g. by optim)."""
   for k, v in given.items():
     path = f"{where}.{k}"
-    if where in _OPEN:
+    if where in open_blocks:
       out[k] = v
     elif k not in out:
       raise ValueError(f"unknown config field {path}; known in {where}: {sorted(out)}")
     elif isinstance(out[k], dict) and isinstance(v, dict):
-      _overlay(out[k], v, path)
+      overlay(out[k], v, path, open_blocks)
     else:
       out[k] = v

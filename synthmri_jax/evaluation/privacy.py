@@ -200,7 +200,7 @@ def flag_generated(config, workdir: str, volumes: np.ndarray, *, log: Callable[[
 # ------------------------------------------------------------------------------ figures
 
 
-def _mid_slices(v: np.ndarray) -> list[np.ndarray]:
+def mid_slices(v: np.ndarray) -> list[np.ndarray]:
   """Axial, coronal, sagittal mid slices of channel 0 of an RAS+ volume, oriented for imshow."""
   v = np.asarray(v, np.float32)
   v = v[..., 0] if v.ndim == 4 else v
@@ -214,7 +214,7 @@ def save_pair_figure(path: str, synthetic: np.ndarray, train: np.ndarray, title:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [_mid_slices(synthetic), _mid_slices(train)]
+  rows = [mid_slices(synthetic), mid_slices(train)]
   lo = min(float(np.min(r)) for row in rows for r in row)
   hi = max(float(np.max(r)) for row in rows for r in row)
   fig, axes = plt.subplots(2, 3, figsize=(7.5, 5.4))

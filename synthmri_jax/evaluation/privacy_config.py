@@ -92,21 +92,5 @@ def privacy_config(profile: str = "quickstart") -> ml_collections.ConfigDict:
 
 def block(config: Any) -> ml_collections.ConfigDict:
   """privacy_config() overlaid with config.privacy; unknown keys are an error (train: optim checks)."""
-  out = privacy_config().to_dict()
-  given = config.get("privacy", None) if config is not None else None
-  if given is not None:
-    _overlay(out, given.to_dict() if hasattr(given, "to_dict") else dict(given), "privacy")
-  return ml_collections.ConfigDict(out, type_safe=False)
-
-
-def _overlay(out: dict, given: dict, where: str) -> None:
-  for k, v in given.items():
-    path = f"{where}.{k}"
-    if where == "privacy.encoder.train":
-      out[k] = v
-    elif k not in out:
-      raise ValueError(f"unknown config field {path}; known in {where}: {sorted(out)}")
-    elif isinstance(out[k], dict) and isinstance(v, dict):
-      _overlay(out[k], v, path)
-    else:
-      out[k] = v
+  from synthmri_jax.evaluation.config import block as config_block
+  return config_block(config, "privacy", privacy_config)

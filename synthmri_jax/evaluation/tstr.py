@@ -372,15 +372,23 @@ class Study:
     name = f"classifier {arm} seed{k}" if arm else "classifier"
     return ClassifierTask(model=model, name=name, label_smoothing=float(self.cls.label_smoothing))
 
-  def run_classifier(self, arm: Arm, k: int) -> dict[str, Any]:
-    """Trains (or resumes, or skips) one classifier run and scores it on the real test split."""
+  def _open_run(self, arm: Arm, k: int, kind: str) -> tuple[str, str, str, dict[str, Any] | None]:
+    """(run_dir, key, result.json path, the finished result or None). A run whose result carries
+    this key is done; otherwise the folder is claimed for this key (another key's run is wiped)."""
     run_dir = os.path.join(self.runs_dir(), arm.name, f"seed{k}")
-    key = self._run_key(arm, k, "classifier")
+    key = self._run_key(arm, k, kind)
     result_path = os.path.join(run_dir, "result.json")
     done = io.read_json(result_path)
     if done and done.get("key") == key:
-      return done
+      return run_dir, key, result_path, done
     self._claim(run_dir, key)
+    return run_dir, key, result_path, None
+
+  def run_classifier(self, arm: Arm, k: int) -> dict[str, Any]:
+    """Trains (or resumes, or skips) one classifier run and scores it on the real test split."""
+    run_dir, key, result_path, done = self._open_run(arm, k, "classifier")
+    if done:
+      return done
     t0 = time.time()
     seed = self.base_seed + k
     source, comp = self.arm_source(arm, k, ("image", "label"))
@@ -390,13 +398,14 @@ class Study:
         dict(intensity_jitter=float(self.cls.intensity_jitter), flip_axes=self.cls.flip_axes)))
     self.log(f"[evaluate] {arm.name} seed{k}: training on {comp['n_real']} real + {comp['n_synthetic']} "
              f"synthetic scans into {run_dir}")
-    it = loader.train_iterator(source, bs, seed, augment=augment)
+    train_cfg = _train_block(self.cls.train, self.mesh_cfg, seed)
+    # Poisson-sampled batches when classifier.train.dp is enabled (DP-SGD on the real arms).
+    it = trainer.train_iterator(train_cfg, source, bs, seed, augment=augment, mesh=self.mesh)
     val_fn = None
     if self.val_source is not None:
       val = Subset(self.val_source, np.arange(len(self.val_source)), ("image", "label"))
       val_fn = lambda: loader.eval_iterator(val, bs)
-    state = trainer.train(task, _train_block(self.cls.train, self.mesh_cfg, seed), run_dir, it, val_fn,
-                          mesh=self.mesh)
+    state = trainer.train(task, train_cfg, run_dir, it, val_fn, mesh=self.mesh)
     variables = _host({"params": state.eval_params, **state.model_state})
     del state
     pred = predict_source(task.predict, variables, self.test_source, int(self.ev.batch_size))
@@ -422,13 +431,9 @@ class Study:
   def run_segmenter(self, arm: Arm, k: int) -> dict[str, Any]:
     """Trains (or skips) one segmentation run; per-subject Dice on the real test split."""
     seg = self.cls.segmenter
-    run_dir = os.path.join(self.runs_dir(), arm.name, f"seed{k}")
-    key = self._run_key(arm, k, "segmenter")
-    result_path = os.path.join(run_dir, "result.json")
-    done = io.read_json(result_path)
-    if done and done.get("key") == key:
+    run_dir, key, result_path, done = self._open_run(arm, k, "segmenter")
+    if done:
       return done
-    self._claim(run_dir, key)
     t0 = time.time()
     seed = self.base_seed + k
     source, comp = self.arm_source(arm, k, ("image", "mask"))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from synthmri_jax.training import optim
+
 PROFILES = ("quickstart", "gpu")
 
 
@@ -74,6 +76,8 @@ def ldm_config(profile: str = "gpu") -> ml_collections.ConfigDict:
       weight_decay=0.0, clip_norm=1.0, ema_decay=0.99 if quick else 0.9999,
       log_every=50 if quick else 200, eval_every=0 if quick else 5000,
       checkpoint_every=200 if quick else 5000))
+  # DP-SGD for the LDM (off): e.g. --config.ldm.train.dp.enabled=true --config.ldm.train.dp.target_epsilon=8
+  c.train.dp = optim.default_dp_config()
   return c
 
 
