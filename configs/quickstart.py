@@ -64,19 +64,19 @@ def get_config() -> ml_collections.ConfigDict:
   # are demonstration budgets: every stage runs for real, but far shorter than a study needs
   # (configs/gpu_2mm.py has those); raise them freely when you have the time.
   c.tokenizer.stages = "clinical,generative"     # the joint fine-tuning stage (3rd) is off on CPU
-  c.tokenizer.stage_train.clinical.steps = 60
-  c.tokenizer.stage_train.generative.steps = 140
-  c.ldm.train.steps = 120
-  c.ldm.train.warmup_steps = 12
+  c.tokenizer.stage_train.clinical.steps = 50
+  c.tokenizer.stage_train.generative.steps = 100
+  c.ldm.train.steps = 100
+  c.ldm.train.warmup_steps = 10
   c.sample.num_subjects = 48
   c.sample.steps = 25                            # DDIM steps
   # Decode with the learned null clinical features, not the prior's predicted codes: at this budget
   # the prior is barely trained (8.9 % top-1 code accuracy) and measured val PSNR was 19.5 dB with
   # predicted vs 21.3 dB with null clinical latents (22.1 dB encoded); see tokenizer_metrics.json.
   c.sample.clinical = "null"
-  c.classifier.train.steps = 100
-  c.privacy.encoder.train.steps = 150
-  c.privacy.encoder.train.checkpoint_every = 150
+  c.classifier.train.steps = 80
+  c.privacy.encoder.train.steps = 120
+  c.privacy.encoder.train.checkpoint_every = 120
 
   # ---------------------------------------------------------------- mesh
   m = c.mesh = ml_collections.ConfigDict()

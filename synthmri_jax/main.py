@@ -35,6 +35,10 @@ def config_hash(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (orbax's per-checkpoint lines, XLA backend probing) drown the progress
+    # lines; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   try:
@@ -77,9 +81,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
-  # Library INFO logs (orbax's per-checkpoint lines, XLA backend probing) drown the progress lines;
-  # absl's --verbosity=0 brings them back.
-  flags.FLAGS.set_default("verbosity", logging.converter.ABSL_WARNING)
   app.run(main, flags_parser=_parse_flags)
 
 
