@@ -355,10 +355,15 @@ def make_dp_train_step(task: task_lib.Task, tx: optax.GradientTransformation, cf
     if k <= 0 or k >= n:
       g, per = grads_of(batch, keys, valid)
       summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), g)
-    elif k == 1:   # a scan over single rows, no vmap
+    elif k == 1:   # a scan over single rows, no vmap; padding rows skip their forward/backward
+      row0 = jax.tree.map(lambda x: x[0], (batch, keys, valid))
+      shapes = jax.eval_shape(one, *row0)
 
       def body1(acc, xs):
-        g, per = one(*xs)
+        # A Poisson batch is padded to P(overflow) <= tolerance (~3x the expected size at
+        # q = 1/6): lax.cond runs the gradient only for sampled rows.
+        g, per = jax.lax.cond(xs[2], lambda: one(*xs),
+                              lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
         return jax.tree.map(jnp.add, acc, g), per
 
       summed, per = jax.lax.scan(body1, zeros, (batch, keys, valid))
