@@ -191,18 +191,25 @@ def write_prepared(workdir: str, n: int = 24) -> None:
     json.dump(meta, f)
 
 
+def tiny_ldm_config() -> ml_collections.ConfigDict:
+  """The quickstart LDM block shrunk to one 8-channel level (compiles in seconds); shared with
+  test_privacy_ldm.py."""
+  c = ldm_config("quickstart")
+  c.model.channels = (8,)
+  c.model.attention_levels = (True,)
+  c.model.num_head_channels = 8
+  c.model.norm_groups = 4
+  c.cond.token_dim = 16
+  c.batch_size = 8
+  return c
+
+
 def stage_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = "ldm,sample"
   c.data = ml_collections.ConfigDict(dict(batch_size=4, shuffle_seed=0, labels="CN,AD"))
-  c.ldm = ldm_config("quickstart")
-  c.ldm.model.channels = (8,)
-  c.ldm.model.attention_levels = (True,)
-  c.ldm.model.num_head_channels = 8
-  c.ldm.model.norm_groups = 4
-  c.ldm.cond.token_dim = 16
-  c.ldm.batch_size = 8
+  c.ldm = tiny_ldm_config()
   c.ldm.train.update(dict(steps=6, warmup_steps=1, log_every=1, checkpoint_every=3))
   c.sample = sample_config("quickstart")
   c.sample.update(dict(num_subjects=10, batch_size=4, steps=4, guidance_scale=1.5))

@@ -14,7 +14,7 @@ from synthmri_jax.evaluation import privacy
 from synthmri_jax.evaluation.privacy_config import dp_config
 from synthmri_jax.training import trainer
 from synthmri_jax.training.tasks import ldm as ldm_lib
-from synthmri_jax.training.tasks.ldm_config import ldm_config
+from test_ldm import tiny_ldm_config
 from test_privacy import SPLITS, _cohort, _config
 
 
@@ -36,14 +36,8 @@ def _pool_codec():
 def _ldm_config():
   c = _config()
   c.data = ml_collections.ConfigDict(dict(batch_size=8, shuffle_seed=0, labels="CN,AD"))
-  c.ldm = ldm_config("quickstart")
+  c.ldm = tiny_ldm_config()
   c.ldm.latents.splits = "train"
-  c.ldm.model.channels = (8,)
-  c.ldm.model.attention_levels = (True,)
-  c.ldm.model.num_head_channels = 8
-  c.ldm.model.norm_groups = 4
-  c.ldm.cond.token_dim = 16
-  c.ldm.batch_size = 8
   c.ldm.train.update(dict(steps=8, warmup_steps=1, log_every=4, checkpoint_every=8))
   c.privacy.mia.timesteps = (50, 200)
   c.privacy.mia.noise_draws = 1
