@@ -34,7 +34,6 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (applies to both frameworks).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -67,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 peak for MFU; 0: from the device name")
   p.add_argument("--no-xla-cpu-flags", action="store_true", help="do not add the YNN fusion flag on CPU")
   p.add_argument("--hugetlb", action="store_true", help=f"re-run with GLIBC_TUNABLES={HUGETLB}")
+  p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                 help="after timing, trace this many of our steps with jax.profiler (OUT/profile_<model>_<precision>/) "
+                      "and add a per-op-kind table (tools/xla_profile.py)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="bench_out", help="directory for benchmark.json and benchmark.md")
   p.add_argument("--tag", default="", help="suffix for the output file names (e.g. a variant name)")
@@ -501,6 +503,13 @@ def bench_pair(args, model_name: str, dtype: str, gpu: bool, log) -> dict:
       result["frameworks"][name]["ddim_steps_per_s"] = args.ddim_steps / statistics.median(ts)
     log(f"[{model_name} {dtype}] DDIM steps/s: " + ", ".join(
         f"{k} {v['ddim_steps_per_s']:.2f}" for k, v in result["frameworks"].items()))
+  if args.profile > 0 and "jax" in runners:
+    import xla_profile  # tools/, next to this script
+    r = runners["jax"]
+    rows, info = xla_profile.profile_steps(r.step, r.compiled.as_text(), args.profile,
+                                           os.path.join(args.out, f"profile_{model_name}_{dtype}"))
+    result["jax_profile"] = {"rows": rows, **info}
+    log(f"[{model_name} {dtype}] jax profile:\n" + xla_profile.markdown(rows, info))
   if len(runners) == 2:
     result["jax_over_monai"] = (result["frameworks"]["jax"]["samples_per_s"]
                                 / result["frameworks"]["monai"]["samples_per_s"])
@@ -537,6 +546,12 @@ def markdown(report: dict) -> str:
                  f"{'' if mf is None else f'{mf / 1e9:.1f} G'}; XLA cost analysis of our step "
                  f"{'' if xf is None else f'{xf / 1e9:.1f} G'}; XLA's planned scratch memory per step "
                  f"{'' if tb is None else f'{tb / 2**20:.0f} MiB'}; JAX compile {r.get('jax_compile_s', 0):.1f} s.")
+  for r in report["results"]:
+    if "jax_profile" in r:
+      import xla_profile
+      prof = r["jax_profile"]
+      lines += ["", f"Profile of our {r['model']} {r['dtype']} step (jax.profiler, {prof['steps']} steps):", "",
+                xla_profile.markdown(prof["rows"], prof)]
   if not gpu:
     lines.append("- CPU run: MFU is not defined (no peak); TFLOP/s is the achieved model FLOP rate.")
   return "\n".join(lines) + "\n"
@@ -592,11 +607,10 @@ def main(argv=None) -> int:
             "results": results}
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, "benchmark" + (f"_{args.tag}" if args.tag else ""))
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=1)
+  from synthmri_jax.utils.io import write_json_atomic, write_text_atomic
+  write_json_atomic(stem + ".json", report)
   md = markdown(report)
-  with open(stem + ".md", "w") as f:
-    f.write(md)
+  write_text_atomic(stem + ".md", md)
   print("\n" + md)
   print(f"wrote {stem}.json and {stem}.md")
   return 0
