@@ -212,3 +212,28 @@ def test_membership_inference_on_a_memorising_denoiser():
   bm = privacy.diffusion_attack_scores(blind, schedule, None, members, {}, seed=0, **kw)
   bh = privacy.diffusion_attack_scores(blind, schedule, None, others, {}, seed=1, **kw)
   assert 0.25 < privacy.membership_inference(bm, bh, kw["timesteps"], n_boot=200)["loss_attack"]["auc"] < 0.75
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_report_and_any_change_recomputes(study, monkeypatch):
+  """privacy.json is keyed like the TSTR runs: same inputs -> the saved report, no encoder work;
+  one changed synthetic voxel or config value -> recomputed."""
+  workdir, synthetic, ids = str(study["workdir"]), study["synthetic"], study["ids"]
+  calls = []
+  real_checker = privacy.copy_checker
+  monkeypatch.setattr(privacy, "copy_checker", lambda *a, **k: calls.append(1) or real_checker(*a, **k))
+  again = privacy.run_privacy(_config(), workdir, synthetic, ids)
+  assert not calls and again["key"] == study["report"]["key"]
+  assert again["n_copies"] == study["report"]["n_copies"] and again["tau"] == study["report"]["tau"]
+  keys = {again["key"]}
+  changed = synthetic.copy()
+  changed[0, 0, 0, 0] += 1e-3
+  keys.add(privacy._result_key(privacy.privacy_block(_config()), workdir, changed, ids))
+  cfg = _config()
+  cfg.privacy.num_figures = 2
+  keys.add(privacy._result_key(privacy.privacy_block(cfg), workdir, synthetic, ids))
+  keys.add(privacy._result_key(privacy.privacy_block(_config()), workdir, synthetic, ids[::-1]))
+  assert len(keys) == 4
+  redo = privacy.run_privacy(cfg, workdir, synthetic, ids)        # a changed key does recompute
+  assert calls and redo["key"] != again["key"] and len(redo["closest_pairs"]) == 2
+  assert json.load(open(os.path.join(workdir, "evaluation", privacy.PRIVACY_FILE)))["key"] == redo["key"]

@@ -29,6 +29,8 @@ Epsilon: each model's WORKDIR/.../dp.json (written by the trainer's DP-SGD mode)
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import math
 import os
 import time
@@ -39,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthmri_jax.data import loader
-from synthmri_jax.data.cache import SPLITS, PreparedCohort, load_prepared
+from synthmri_jax.data.cache import SPLITS, PreparedCohort, data_dir, load_prepared
 from synthmri_jax.evaluation import embedding as embedding_lib
 from synthmri_jax.evaluation import privacy_stats
 from synthmri_jax.evaluation.privacy_config import block as privacy_block
@@ -464,6 +466,13 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
   vols = vols[..., None] if vols.ndim == 4 else vols
   if len(ids) != len(vols) or len(vols) < 2:
     raise ValueError(f"need >= 2 synthetic volumes with one id each, got {len(vols)} volumes and {len(ids)} ids")
+  key = _result_key(pc, workdir, vols, ids)
+  out_path = os.path.join(evaluation_dir(workdir), PRIVACY_FILE)
+  done = io.read_json(out_path)
+  if done and done.get("complete") and done.get("key") == key:
+    log(f"privacy: {out_path} is up to date (key {key}); not recomputed")
+    _log_summary(done, log)
+    return done
   checker = copy_checker(config, workdir, log=log)
   prepared = checker.prepared
   feats = checker.features(vols)
@@ -540,6 +549,7 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
   epsilon = models_epsilon(workdir)
   report = {
       "complete": True,
+      "key": key,
       "synthetic": {"n": n},
       "real": {"n_train": len(train_ids), "calibration_split": checker.calibration_split,
                "n_calibration": checker.n_calibration, "holdout_split": hold_split,
@@ -559,9 +569,26 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
       "seconds": round(time.time() - t0, 1),
   }
   if jax.process_index() == 0:
-    io.write_json_atomic(os.path.join(evaluation_dir(workdir), PRIVACY_FILE), report)
+    io.write_json_atomic(out_path, report)
   _log_summary(report, log)
   return report
+
+
+def _result_key(pc, workdir: str, vols: np.ndarray, ids: Sequence[str]) -> str:
+  """What privacy.json depends on: the privacy block, the synthetic scans themselves, the prepared
+  cohort, the LDM the membership attacks query (ldm.json) and every model's DP record. A rerun
+  with the same key reuses the finished report; any change recomputes it."""
+  from synthmri_jax.training.tasks import ldm as ldm_lib
+  prepared = io.read_json(os.path.join(data_dir(workdir), "prepared.json")) or {}
+  ldm_meta = io.read_json(os.path.join(ldm_lib.ldm_dir(workdir), ldm_lib.META_FILE))
+  h = hashlib.sha256(json.dumps({
+      "privacy": pc.to_dict(), "ids": list(ids), "prepared": prepared.get("config_hash"),
+      "ldm": ldm_meta,
+      # The privacy encoder's entry appears once this report has trained it: not an input.
+      "epsilon": [m for m in models_epsilon(workdir)["models"] if m["model"] != "privacy_encoder"]},
+      sort_keys=True, default=str).encode())
+  h.update(np.ascontiguousarray(vols, np.float32).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _log_summary(r: dict[str, Any], log: Callable[[str], None]) -> None:
