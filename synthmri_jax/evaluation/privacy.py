@@ -21,6 +21,10 @@ measures. Membership inference: members are the LDM's training latents, non-memb
 split encoded by the same tokenizer; loss attack (Matsumoto et al. 2023) per timestep and
 averaged, and PIA (Kong et al. 2024); ROC-AUC and TPR at 1 % FPR with bootstrap intervals.
 
+privacy.json carries a key over its inputs (privacy block, the synthetic scans' bytes and ids, the
+prepared cohort, ldm.json, the generative models' DP records); a rerun with the same key returns
+the saved report without touching the encoder.
+
 Epsilon: each model's WORKDIR/.../dp.json (written by the trainer's DP-SGD mode) or
 'non-private (ε = ∞)'. The synthetic cohort inherits the guarantee of everything that shaped it
 (tokenizer, LDM, and the non-DP statistics listed under `non_private_releases`).
