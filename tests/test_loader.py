@@ -293,3 +293,21 @@ def test_global_batch_on_four_fake_devices(repo_root):
              PYTHONPATH=repo_root)
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_load_npy_from_many_threads(tmp_path):
+  """utils.io.load_npy: grain's reader threads load .npy files at once (CPython 3.11's parser,
+  used for the headers, is not thread-safe); every read returns its own file's data."""
+  import concurrent.futures
+
+  from synthmri_jax.utils import io as io_lib
+  arrays = [np.random.default_rng(i).normal(size=(3, 4, 5)).astype(np.float32) for i in range(64)]
+  paths = []
+  for i, a in enumerate(arrays):
+    paths.append(str(tmp_path / f"v{i}.npy"))
+    np.save(paths[-1], a)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda j: io_lib.load_npy(paths[j % 64], mmap=bool(j % 2)), range(512)))
+  for j, g in enumerate(got):
+    np.testing.assert_array_equal(g, arrays[j % 64])
+    assert isinstance(g, np.memmap) == bool(j % 2) and (g.flags.writeable != bool(j % 2))

@@ -66,13 +66,13 @@ class PreparedCohort:
     return self.table[self.table["split"] == name].reset_index(drop=True)
 
   def load_image(self, row, mmap: bool = False) -> np.ndarray:
-    return np.load(os.path.join(self.root, row["image"]), mmap_mode="r" if mmap else None)
+    return io.load_npy(os.path.join(self.root, row["image"]), mmap)
 
   def load_mask(self, row) -> np.ndarray | None:
     rel = row.get("mask", "")
     if not isinstance(rel, str) or not rel:
       return None
-    return np.load(os.path.join(self.root, rel))
+    return io.load_npy(os.path.join(self.root, rel))
 
 
 def load_prepared(workdir: str) -> PreparedCohort:

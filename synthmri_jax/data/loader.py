@@ -62,6 +62,7 @@ import scipy.stats
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from synthmri_jax.data.cache import PreparedCohort
+from synthmri_jax.utils import io
 
 Element = dict[str, np.ndarray]
 BATCH_AXES = ("data", "fsdp")
@@ -115,15 +116,14 @@ class CohortSource:
     return len(self.images)
 
   def __getitem__(self, index: int) -> Element:
-    mode = "r" if self.mmap else None
     element = {
-        "image": np.load(os.path.join(self.root, self.images[index]), mmap_mode=mode).astype(np.float32, copy=False),
+        "image": io.load_npy(os.path.join(self.root, self.images[index]), self.mmap).astype(np.float32, copy=False),
         "label": self.labels[index],
         "age": self.ages[index],
         "sex": self.sexes[index],
     }
     if self.masks is not None:
-      element["mask"] = np.load(os.path.join(self.root, self.masks[index]), mmap_mode=mode).astype(np.uint8, copy=False)
+      element["mask"] = io.load_npy(os.path.join(self.root, self.masks[index]), self.mmap).astype(np.uint8, copy=False)
     return element
 
   def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""Atomic writes: a file is either absent or complete, never half-written."""
+"""Atomic writes (a file is either absent or complete, never half-written), and thread-safe .npy reads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from typing import Any, Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -59,3 +62,17 @@ def _json_default(o):
   if isinstance(o, np.ndarray):
     return o.tolist()
   raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+# CPython 3.11's parser is not safe to enter from several threads at once: np.load parses the
+# .npy header with ast.literal_eval, and grain's reader threads calling it together raised
+# "SystemError: AST constructor recursion depth mismatch" in a quickstart run. Headers are
+# parsed under one lock; the data are read outside it.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def load_npy(path: str, mmap: bool = False) -> np.ndarray:
+  """np.load of a .npy file, safe from many threads; mmap=True returns a read-only memmap."""
+  with _NPY_HEADER_LOCK:
+    arr = np.load(path, mmap_mode="r")
+  return arr if mmap else np.array(arr)
