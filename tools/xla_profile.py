@@ -56,6 +56,20 @@ def parse_hlo(hlo_text: str) -> dict[str, dict[str, Any]]:
   return instrs
 
 
+def _members(instrs: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+  """computation -> its instructions, built once per parsed module (classify runs per event)."""
+  key = id(instrs)
+  if _MEMBERS_CACHE.get("key") != key:
+    members: dict[str, list] = collections.defaultdict(list)
+    for i in instrs.values():
+      members[i["computation"]].append(i)
+    _MEMBERS_CACHE.update(key=key, members=dict(members), instrs=instrs)
+  return _MEMBERS_CACHE["members"]
+
+
+_MEMBERS_CACHE: dict[str, Any] = {}
+
+
 def classify(name: str, instrs: dict[str, dict[str, Any]]) -> tuple[str, str]:
   """(kind, pass) of one executed instruction: kind in convolution / dot / layout copy /
   elementwise+reduce / <opcode>; pass 'fwd', 'bwd' or '?' (no jax metadata)."""
@@ -65,7 +79,7 @@ def classify(name: str, instrs: dict[str, dict[str, Any]]) -> tuple[str, str]:
   op_names = [ins["op_name"]]
   kind = ins["opcode"]
   if kind == "fusion" and ins["calls"]:
-    inner = [i for i in instrs.values() if i["computation"] == ins["calls"]]
+    inner = _members(instrs).get(ins["calls"], [])
     opcodes = {i["opcode"] for i in inner}
     op_names += [i["op_name"] for i in inner if i["opcode"] in ("convolution", "dot")]
     if "convolution" in opcodes:
@@ -106,8 +120,9 @@ def summarize(events: list[tuple[str, float]], hlo_text: str) -> list[dict[str, 
   instrs = parse_hlo(hlo_text)
   total = sum(t for _, t in events) or 1.0
   acc: dict[tuple[str, str], list] = collections.defaultdict(lambda: [set(), 0.0, 0])
+  kinds = {name: classify(name, instrs) for name in {n for n, _ in events}}
   for name, t in events:
-    row = acc[classify(name, instrs)]
+    row = acc[kinds[name]]
     row[0].add(name)
     row[1] += t
     row[2] += 1
@@ -127,7 +142,7 @@ def top_ops(events: list[tuple[str, float]], hlo_text: str, n: int = 10) -> list
   for name, t in sorted(tot.items(), key=lambda kv: -kv[1])[:n]:
     kind, pas = classify(name, instrs)
     ins = instrs.get(name, {})
-    inner = [i["op_name"] for i in instrs.values() if ins.get("calls") and i["computation"] == ins["calls"] and i["op_name"]]
+    inner = [i["op_name"] for i in _members(instrs).get(ins.get("calls"), []) if i["op_name"]]
     out.append({"op": name, "kind": kind, "pass": pas, "seconds": t, "share": t / total,
                 "jax_op": ins.get("op_name") or (inner[0] if inner else "")})
   return out
