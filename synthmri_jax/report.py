@@ -288,6 +288,7 @@ class Inputs:
     self.evaluation = j("evaluation", "evaluation.json")
     self.classify = j("evaluation", "classify.json")
     self.privacy = j("evaluation", "privacy.json")
+    self.anatomy = j("evaluation", "anatomy.json")
 
   @staticmethod
   def _json(path: str) -> Any:
@@ -328,6 +329,83 @@ class Inputs:
 # ------------------------------------------------------------------------------ sections
 
 
+def _answers(config, inp: Inputs, figs: Figures) -> Section:
+  """The two questions a reader opens the report for, answered in one screen, with the scans beside them."""
+  sec = Section("Useful? Private?")
+  ev = inp.evaluation
+  arms = (ev or {}).get("classification", {}).get("arms", {})
+  if ev and "TRTR" in arms and "TSTR" in arms:
+    trtr, tstr = arms["TRTR"]["seed_mean_scores"], arms["TSTR"]["seed_mean_scores"]
+    r = ev.get("classification", {}).get("tstr_trtr_ratio", {})
+    n_test = (ev.get("real") or {}).get("n_test")
+    useful = (_num(tstr.get("ci_low")) or 0) > 0.5
+    rows = [["TRTR (trained on real)", fmt_ci(trtr.get("auc"), trtr.get("ci_low"), trtr.get("ci_high"))],
+            ["TSTR (trained on synthetic only)", fmt_ci(tstr.get("auc"), tstr.get("ci_low"), tstr.get("ci_high"))],
+            ["TSTR / TRTR", fmt(r.get("value"))]]
+    if "AUG" in arms or any(k.startswith("AUG") for k in arms):
+      k = "AUG" if "AUG" in arms else sorted(k for k in arms if k.startswith("AUG"))[-1]
+      a = arms[k]["seed_mean_scores"]
+      rows.append([f"{k} (real + synthetic)", fmt_ci(a.get("auc"), a.get("ci_low"), a.get("ci_high"))])
+    sec.add(f"**Useful?** {'Yes' if useful else 'Not shown'}: a classifier trained only on the synthetic scans "
+            + ("separates the classes on real scans better than chance (TSTR interval above 0.5)." if useful
+               else "does not separate the classes on real scans better than chance at 95 % (TSTR interval holds 0.5)."))
+    sec.add(Table(["diagnosis AUC on the real test split", "AUC [95 % CI]"], rows,
+                  f"Seed-mean scores{f', {n_test} test subjects' if n_test else ''}; intervals: subject bootstrap"))
+  else:
+    sec.add(f"**Useful?** {NOT_RUN}: the `evaluate` stage has not written TSTR and TRTR.")
+  pv = inp.privacy
+  if pv:
+    mia = pv.get("membership_inference", {})
+    la = mia.get("loss_attack") or {}
+    cohort = pv.get("epsilon", {}).get("synthetic_cohort", {})
+    rows = [["synthetic scans flagged as copies of training scans",
+             f"{pv.get('n_copies')} of {pv.get('synthetic', {}).get('n')} ({fmt_pct(pv.get('copy_fraction'))}); "
+             f"false flags expected {fmt_pct(pv.get('expected_false_copy_fraction'))}"],
+            ["membership inference on the LDM (loss attack)",
+             f"AUC {fmt(la.get('auc'))} (0.5 = chance)" if la else f"skipped ({mia.get('skipped', NOT_RUN)})"],
+            ["ε of the synthetic cohort", str(cohort.get("statement", "n/a"))]]
+    sec.add("**Private?** Copies, membership inference and the privacy budget:")
+    sec.add(Table(["check", "result"], rows, "Details: the Privacy section"))
+  else:
+    sec.add(f"**Private?** {NOT_RUN}: no evaluation/privacy.json.")
+  grid = _answer_grid(config, inp, figs)
+  if grid is not None:
+    sec.add(grid)
+  return sec
+
+
+def _answer_grid(config, inp: Inputs, figs: Figures) -> Optional[Image]:
+  """One compact figure: per class, a real and a synthetic subject's axial and coronal mid slices."""
+  prepared = inp.prepared()
+  if prepared is None or inp.synthetic_table() is None:
+    return None
+  train = prepared.split("train")
+  cols = []
+  for label in prepared.labels:
+    real = [np.asarray(prepared.load_image(r, mmap=True)[..., 0], np.float32)
+            for _, r in train[train["label"] == label].head(2).iterrows()]
+    syn, _ = _synthetic_volumes(config, inp, prepared, label, 2)
+    cols += [(f"real {label}", v) for v in real] + [(f"synthetic {label}", v) for v in syn]
+  if not cols:
+    return None
+  allv = np.concatenate([np.concatenate([s.ravel() for s in _mid_slices(v)[:2]]) for _, v in cols])
+  lo, hi = np.percentile(allv, [1, 99])
+  hi = hi if hi > lo else lo + 1.0
+  fig = _figure(1.25 * len(cols) + 0.3, 3.0)
+  axes = fig.subplots(2, len(cols), squeeze=False)
+  for j, (name, v) in enumerate(cols):
+    for i, img in enumerate(_mid_slices(v)[:2]):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(name, fontsize=7, color="#1f4e9a" if name.startswith("real") else "#a33c00")
+  path = figs.save(fig, "answer_grid")
+  return Image(path, "Axial (top) and coronal (bottom) mid slices: real training scans and synthetic scans per "
+                     "class, one grey scale")
+
+
 def _summary(inp: Inputs) -> Section:
   sec = Section("Summary")
   items = []
@@ -341,33 +419,74 @@ def _summary(inp: Inputs) -> Section:
                      f"{fmt_ci(e.get('auc'), e.get('ci_low'), e.get('ci_high'))}; over seeds "
                      f"{fmt_mean_sd(arms[name].get('auc_over_seeds'))}")
     r = ev.get("classification", {}).get("tstr_trtr_ratio", {})
-    ref = ev.get("seed_reference", {})
     if "value" in r:
-      items.append(f"**TSTR / TRTR AUC ratio**: {fmt(r['value'])} (seeds' reference "
-                   f"{fmt(ref.get('tstr_auc'))} / {fmt(ref.get('trtr_auc'))} = {fmt(ref.get('ratio'))})")
+      items.append(f"**TSTR / TRTR AUC ratio**: {fmt(r['value'])}")
   else:
     items.append(f"**Classification (TSTR / TRTR)**: {NOT_RUN}")
-  pv = inp.privacy
-  if pv:
-    items.append(f"**Copies**: {pv.get('n_copies')} of {pv.get('synthetic', {}).get('n')} synthetic scans "
-                 f"({fmt_pct(pv.get('copy_fraction'))}; expected false flags "
-                 f"{fmt_pct(pv.get('expected_false_copy_fraction'))}), {pv.get('n_memorized')} training scan(s) memorised")
-    mia = pv.get("membership_inference", {})
-    if "loss_attack" in mia:
-      la = mia["loss_attack"]
-      items.append(f"**Membership inference on the LDM** (loss attack): AUC {fmt(la.get('auc'))} "
-                   f"(0.5 = chance), TPR at 1 % FPR {fmt(la.get('tpr_at_1pct_fpr'))}")
-    else:
-      items.append(f"**Membership inference**: skipped ({mia.get('skipped', NOT_RUN)})")
-    cohort = pv.get("epsilon", {}).get("synthetic_cohort", {})
-    if cohort:
-      items.append(f"**ε (synthetic cohort)**: {cohort.get('statement', 'n/a')}")
-  else:
-    items.append(f"**Privacy (copies, MIA, ε)**: {NOT_RUN}")
+  an = inp.anatomy
+  if an and isinstance(an.get("codec"), dict) and "measures" in an["codec"]:
+    v = an["codec"]["measures"]["ventricle_ml"]
+    items.append(f"**Codec check**: the {an['case']} − {an['control']} ventricle effect kept through the sampler's "
+                 f"decoding path: {fmt_ci(v.get('ratio'), v.get('ci_low'), v.get('ci_high'), 2)} of the original "
+                 f"({'within' if v.get('preserved') else 'outside'} ±{fmt_pct(an['codec'].get('tolerance'), 0)})")
   if inp.tokenizer:
     items.append(f"**Tokenizer** ({inp.tokenizer.get('variant')}): val PSNR {fmt(inp.tokenizer.get('psnr'), 2, 'dB')}, "
                  f"SSIM {fmt(inp.tokenizer.get('ssim'), 4)}")
   return sec.add(items)
+
+
+def _anatomy_section(inp: Inputs) -> Section:
+  """Ventricles and hippocampi by label: real vs synthetic, through the codec, and under the label alone."""
+  title = "Anatomy by label"
+  an = inp.anatomy
+  if not an:
+    return _not_run(title, "no evaluation/anatomy.json; the `evaluate` stage has not run (evaluate.anatomy.enabled)")
+  sec = Section(title)
+  case, control = an["case"], an["control"]
+  names = {"ventricle_ml": "lateral-ventricle CSF", "hippocampus_intensity": "hippocampal signal"}
+  sec.add(f"Region-of-interest measures the disease changes, from an atlas placed by the brain's moments: "
+          f"{names['ventricle_ml']} volume (mL) and {names['hippocampus_intensity']} (grey-matter intensity "
+          f"relative to deep white matter). Effects are {case} − {control} differences of group means; "
+          f"95 % intervals from a bootstrap over subjects within each label.")
+  rows = []
+  for m, e in (an.get("by_label") or {}).items():
+    for who in ("real", "synthetic"):
+      g = e[who]
+      rows.append([names.get(m, m), f"{who} ({g['n_case']} {case} / {g['n_control']} {control})",
+                   fmt(g.get("mean_control"), 3), fmt(g.get("mean_case"), 3),
+                   fmt_ci(g.get("effect"), g.get("ci_low"), g.get("ci_high"), 3, signed=True),
+                   fmt(e.get("effect_ratio"), 2) if who == "synthetic" else ""])
+  sec.add(Table(["measure", "cohort (subjects)", f"{control} mean", f"{case} mean", f"{case} − {control} [CI]",
+                 "synthetic / real effect"], rows,
+                f"Real `{an.get('by_label_split')}` split vs the synthetic cohort; units: mL (ventricles), relative "
+                "to white matter (hippocampus)"))
+  codec = an.get("codec") or {}
+  if "measures" in codec:
+    rows = []
+    for m, r in codec["measures"].items():
+      rows.append([names.get(m, m), fmt(r["before"].get("effect"), 3, signed=True),
+                   fmt(r["after"].get("effect"), 3, signed=True), fmt_ci(r.get("ratio"), r.get("ci_low"), r.get("ci_high"), 2),
+                   "yes" if r.get("preserved") else "no"])
+    sec.add(Table(["measure", "effect in real scans", "after encode → decode", "kept [CI]",
+                   f"within ±{fmt_pct(codec.get('tolerance'), 0)}"], rows,
+                  f"Codec check: {codec.get('n_scans')} real `{'+'.join(codec.get('splits', []))}` scans through the "
+                  f"sampler's decoding path ({codec.get('codec')}); round-trip PSNR {fmt(codec.get('psnr_db'), 2, 'dB')}. "
+                  "What the decoder cannot draw, no generator can produce."))
+  else:
+    sec.add(f"Codec check: skipped ({codec.get('skipped', NOT_RUN)}).")
+  paired = an.get("paired") or {}
+  if "measures" in paired:
+    rows = []
+    for m, r in paired["measures"].items():
+      rows.append([names.get(m, m), fmt_ci(r.get("mean_difference"), r.get("ci_low"), r.get("ci_high"), 3, signed=True),
+                   fmt(r.get("real_effect"), 3, signed=True), fmt(r.get("ratio_to_real"), 2),
+                   {True: "yes", False: "no", None: "n/a"}[r.get("same_direction")]])
+    sec.add(Table(["measure", f"paired {case} − {control} [CI]", "real effect", "ratio", "same direction"], rows,
+                  f"Conditioning check: {paired.get('n_pairs')} synthetic subjects, each sampled from the same noise "
+                  f"and attributes once as {case} and once as {control}; the difference is the label's alone."))
+  else:
+    sec.add(f"Paired conditioning check: skipped ({paired.get('skipped', NOT_RUN)}).")
+  return sec
 
 
 def _run_section(inp: Inputs) -> Section:
@@ -877,6 +996,7 @@ def build(config, workdir: str) -> tuple[list[Section], Figures]:
   inp = Inputs(workdir)
   figs = Figures(workdir)
   sections = [
+      _safe("Useful? Private?", lambda: _answers(config, inp, figs)),
       _safe("Summary", lambda: _summary(inp)),
       _safe("Run", lambda: _run_section(inp)),
       _safe("Data", lambda: _data_section(inp)),
@@ -884,6 +1004,7 @@ def build(config, workdir: str) -> tuple[list[Section], Figures]:
       _safe("Latent diffusion model", lambda: _ldm_section(inp)),
       _safe("Real vs synthetic scans", lambda: _slices_section(config, inp, figs)),
       _safe("Downstream classification (TSTR / TRTR)", lambda: _classification_section(inp, figs)),
+      _safe("Anatomy by label", lambda: _anatomy_section(inp)),
       _safe("Fidelity and diversity", lambda: _fidelity_section(inp)),
       _safe("Privacy", lambda: _privacy_section(inp)),
   ]

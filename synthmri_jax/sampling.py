@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pandas as pd
 
@@ -354,6 +355,87 @@ def _clear_outputs(out_dir: str) -> None:
       os.remove(path)
 
 
+@dataclasses.dataclass
+class Trained:
+  """The trained LDM of a workdir and the codec that decodes its latents: what sampling needs."""
+  meta: dict
+  labels: list
+  attributes: list
+  latent_shape: tuple
+  model: Any
+  schedule: NoiseSchedule
+  step: int
+  params: Any
+  codec: ldm_lib.LatentCodec
+  mesh: jax.sharding.Mesh
+  ldm_dir: str
+
+  def generator(self, s) -> Generator:
+    """A Generator with the settings of a `sample` config block."""
+    return Generator(self.model, self.schedule, self.latent_shape,
+                     prediction_type=str(self.meta["ldm"]["diffusion"]["prediction_type"]), sampler=str(s.sampler),
+                     steps=int(s.steps), eta=float(s.eta), spacing=str(s.spacing),
+                     guidance_scale=float(s.guidance_scale), guidance_null=s.guidance_null,
+                     batch_size=int(s.batch_size), mesh=self.mesh)
+
+  def decoder(self) -> Callable:
+    """Jitted (codec variables, normalised latents) -> volumes, replicated."""
+    norm = ldm_lib.LatentNorm.from_meta(self.meta, self.ldm_dir)
+    codec = self.codec
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+      return jax.jit(lambda v, z: codec.decode(v, norm.denormalize(z)), out_shardings=mesh_lib.replicated(self.mesh))
+
+
+def load_trained(config, workdir: str, codec: Optional[ldm_lib.LatentCodec] = None) -> Trained:
+  """The workdir's trained LDM (EMA params when kept) with its codec (default: the tokenizer,
+  decoding through config.sample.clinical)."""
+  meta = io.read_json(os.path.join(ldm_lib.ldm_dir(workdir), ldm_lib.META_FILE))
+  if not meta or not meta.get("complete"):
+    raise UserInputError(f"{ldm_lib.ldm_dir(workdir)}: no trained LDM (ldm.json missing); run the 'ldm' stage first")
+  labels = list(meta["labels"])
+  attributes = ldm_lib.attributes_from_meta(meta)
+  latent_shape = tuple(meta["latent_shape"])
+  model, schedule = ldm_lib.build(meta["ldm"], latent_shape[-1], len(labels), attributes)
+  step, loaded = ckpt_lib.load_variables(os.path.join(ldm_lib.ldm_dir(workdir), "checkpoints"))
+  params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
+  codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir, clinical=str(config.sample.clinical))
+  return Trained(meta, labels, attributes, latent_shape, model, schedule, int(step), params, codec,
+                 ldm_lib.make_mesh(config), ldm_lib.ldm_dir(workdir))
+
+
+def paired_samples(config, workdir: str, num_pairs: int, case: str, control: str, *,
+                   codec: Optional[ldm_lib.LatentCodec] = None) -> dict[str, np.ndarray]:
+  """The conditioning check's volumes: `num_pairs` subjects drawn as the sample stage draws them
+  (same attribute model, sample.seed), each generated twice from the same initial noise and the
+  same attributes, once labelled `case` and once `control`. Any difference between the two is
+  what the label alone changes. Returns {"case": (n, X, Y, Z, C), "control": same, "seed": (n,)}.
+  """
+  workdir = os.path.abspath(workdir)
+  g = load_trained(config, workdir, codec)
+  for name in (case, control):
+    if name not in g.labels:
+      raise UserInputError(f"paired check: label {name!r} is not one of the LDM's labels {g.labels}")
+  prepared = load_prepared(workdir)
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.sample.num_subjects = int(num_pairs)
+  plan = plan_subjects(sub, prepared, g.attributes, g.labels)
+  gen, decode = g.generator(config.sample), g.decoder()
+  out = {}
+  for key, name in (("case", case), ("control", control)):
+    cond = {k: np.asarray(plan[k]) for k in g.model.conditioning.names}
+    cond[unet_lib.LABEL] = np.full(len(plan["seed"]), g.labels.index(name), np.int32)
+    z = gen.latents(g.params, plan["seed"], cond)
+    vols = []
+    for start in range(0, len(z), gen.batch_size):
+      chunk = z[start:start + gen.batch_size]
+      pad = np.concatenate([chunk, np.repeat(chunk[-1:], gen.batch_size - len(chunk), axis=0)])
+      with jax.set_mesh(g.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+        vols.append(np.asarray(jax.device_get(decode(g.codec.variables, pad)), np.float32)[: len(chunk)])
+    out[key] = np.concatenate(vols)
+  out["seed"] = np.asarray(plan["seed"])
+  return out
+
+
 def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = None,
                on_progress: Optional[Callable[[int, int], None]] = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -365,19 +447,11 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
     raise ValueError("config has no `sample` block; attach synthmri_jax.training.tasks.ldm_config.sample_config(...) "
                      "as config.sample")
   workdir = os.path.abspath(workdir)
-  meta = io.read_json(os.path.join(ldm_lib.ldm_dir(workdir), ldm_lib.META_FILE))
-  if not meta or not meta.get("complete"):
-    raise UserInputError(f"{ldm_lib.ldm_dir(workdir)}: no trained LDM (ldm.json missing); run the 'ldm' stage first")
   s = config.sample
   prepared = load_prepared(workdir)
-  labels = list(meta["labels"])
-  attributes = ldm_lib.attributes_from_meta(meta)
-  latent_shape = tuple(meta["latent_shape"])
-  model, schedule = ldm_lib.build(meta["ldm"], latent_shape[-1], len(labels), attributes)
-  step, loaded = ckpt_lib.load_variables(os.path.join(ldm_lib.ldm_dir(workdir), "checkpoints"))
-  params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
-  codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir, clinical=str(s.clinical))
-  mesh = ldm_lib.make_mesh(config)
+  g = load_trained(config, workdir, codec)
+  meta, labels, attributes, latent_shape = g.meta, g.labels, g.attributes, g.latent_shape
+  model, schedule, step, params, codec, mesh = g.model, g.schedule, g.step, g.params, g.codec, g.mesh
 
   out_dir = os.path.join(workdir, OUT_DIR)
   state_path = os.path.join(workdir, STATE_FILE)
@@ -396,14 +470,7 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
   plan = plan_subjects(config, prepared, attributes, labels)
   n = len(plan["seed"])
   cond = {k: plan[k] for k in model.conditioning.names}
-  gen = Generator(model, schedule, latent_shape, prediction_type=str(meta["ldm"]["diffusion"]["prediction_type"]),
-                  sampler=str(s.sampler), steps=int(s.steps), eta=float(s.eta), spacing=str(s.spacing),
-                  guidance_scale=float(s.guidance_scale), guidance_null=s.guidance_null,
-                  batch_size=int(s.batch_size), mesh=mesh)
-  scale = float(meta["scale_factor"])
-  rep = mesh_lib.replicated(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-    decode = jax.jit(lambda v, z: codec.decode(v, z / scale), out_shardings=rep)
+  gen, decode = g.generator(s), g.decoder()
   affine = prepared.affine
   channels = prepared.channels
   pids = [_pid(i, n) for i in range(n)]

@@ -65,7 +65,7 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   model, schedule = ldm_lib.build(meta["ldm"], meta["latent_shape"][-1], 2, attributes)
   task = ldm_lib.LDMTask(model, schedule)
   prepared = cache.load_prepared(work)
-  src = ldm_lib.LatentSource(os.path.join(work, "ldm", "latents", "train.npy"), meta["scale_factor"],
+  src = ldm_lib.LatentSource(os.path.join(work, "ldm", "latents", "train.npy"), ldm_lib.LatentNorm.from_meta(meta, os.path.join(work, "ldm")),
                              ldm_lib.split_attributes(prepared, "train", attributes))
   cfg = ml_collections.ConfigDict(dict(train=dict(steps=4, warmup_steps=1, log_every=2, checkpoint_every=4,
                                                   dp=dp_config(target_epsilon=0.0, noise_multiplier=1.0,

@@ -142,6 +142,27 @@ def _write_jsons(workdir, prepared):
                                        "non_private_releases": ["LDM latent scale factor"]}},
   })
 
+  g = lambda case, control, eff, lo, hi, n=3: {"n_case": n, "n_control": n, "mean_case": case, "mean_control": control,
+                                             "effect": eff, "ci_low": lo, "ci_high": hi}
+  io.write_json_atomic(os.path.join(workdir, "evaluation", "anatomy.json"), {
+      "case": "AD", "control": "CN", "by_label_split": "test", "n_synthetic": 6,
+      "by_label": {"ventricle_ml": {"real": g(54.5, 41.3, 13.26, 9.1, 17.4), "synthetic": g(50.1, 43.0, 7.1, 1.2, 12.9),
+                                    "effect_ratio": 0.5355},
+                   "hippocampus_intensity": {"real": g(0.481, 0.626, -0.145, -0.2, -0.09),
+                                             "synthetic": g(0.5, 0.55, -0.05, -0.1, 0.01), "effect_ratio": 0.3448}},
+      "codec": {"n_scans": 100, "splits": ["val", "test"], "codec": "vqvae tokenizer", "psnr_db": 23.56, "tolerance": 0.25,
+                "measures": {"ventricle_ml": {"before": {"effect": 12.5}, "after": {"effect": 10.93}, "ratio": 0.8737,
+                                              "ci_low": 0.7697, "ci_high": 0.9809, "preserved": True},
+                             "hippocampus_intensity": {"before": {"effect": -0.13}, "after": {"effect": -0.063},
+                                                       "ratio": 0.4831, "ci_low": 0.3157, "ci_high": 0.6144,
+                                                       "preserved": False}}},
+      "paired": {"n_pairs": 16, "measures": {
+          "ventricle_ml": {"mean_difference": 4.321, "ci_low": 2.5, "ci_high": 6.1, "real_effect": 13.26,
+                           "ratio_to_real": 0.3259, "same_direction": True},
+          "hippocampus_intensity": {"mean_difference": 0.01, "ci_low": -0.01, "ci_high": 0.03, "real_effect": -0.145,
+                                    "ratio_to_real": -0.069, "same_direction": False}}},
+  })
+
 
 @pytest.fixture(scope="module")
 def full_workdir(tmp_path_factory):
@@ -193,13 +214,21 @@ def test_numbers_come_from_the_stage_files(full_workdir):
             "12.35 [10.1, 15.2]", "3.21", "0.457 [0.400, 0.500]",   # FD, floor, MS-SSIM
             "sub-synth0003", "sub-04", "0.9876",        # copies, τ
             "1 of 6", "0.523 [0.300, 0.700]", "0.017",  # copies, MIA AUC, TPR@1%FPR
-            "non-private (ε = ∞): tokenizer trained without DP", "7.89"):
+            "non-private (ε = ∞): tokenizer trained without DP", "7.89",
+            "+13.260 [+9.100, +17.400]", "0.54",        # anatomy by label: real effect, synthetic / real
+            "0.87 [0.77, 0.98]", "23.56 dB",            # codec check
+            "+4.321 [+2.500, +6.100]", "0.33"):         # paired conditioning check
+    assert s in md, s
+  head = md.split("## Summary")[0]
+  assert "Useful?" in head and "Yes" in head and "0.701 [0.611, 0.922]" in head and "1 of 6" in head
+  assert "answer_grid.png" in head                  # the scans beside the answers, before any detail table
+  for s in ():
     assert s in md, s
   assert "not run" not in md
   assert all(v == "ok" for v in out["sections"].values()), out["sections"]
   assert "{" not in md.split("## Summary")[1]   # no raw JSON
   names = sorted(os.path.basename(p) for p in out["figures"])
-  assert names == ["roc.png", "slices_AD.png", "slices_CN.png"]
+  assert names == ["answer_grid.png", "roc.png", "slices_AD.png", "slices_CN.png"]
   table = md.split("ROC-AUC per training arm")[1]
   assert table.index("| TRTR") < table.index("| TSTR") < table.index("| AUG_1")   # the study's order, not sorted
   assert "](report_figures/roc.png)" in md and "](evaluation/figures/privacy_pair_00.png)" in md
@@ -208,7 +237,7 @@ def test_numbers_come_from_the_stage_files(full_workdir):
 def test_html_is_self_contained(full_workdir):
   _, workdir, _ = full_workdir
   h = _read(os.path.join(workdir, "report.html"))
-  assert h.count('src="data:image/png;base64,') == 4   # two slice grids, ROC, one privacy pair
+  assert h.count('src="data:image/png;base64,') == 5   # answer grid, two slice grids, ROC, one privacy pair
   assert "http" not in h.lower() and "<link" not in h and "<script" not in h
   assert "<table>" in h and "0.754 / 0.810 = 0.931" in h
 

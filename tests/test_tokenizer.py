@@ -181,6 +181,45 @@ def test_vqvae_shapes_and_grid_check():
                    v)
 
 
+def test_space_to_depth_round_trips_and_groups_cubes():
+  from synthmri_jax.models.tokenizer import depth_to_space, space_to_depth
+  x = np.random.default_rng(0).normal(size=(2, 4, 6, 8, 3)).astype(np.float32)
+  y = space_to_depth(jnp.asarray(x), 2)
+  assert y.shape == (2, 2, 3, 4, 24)
+  # Output voxel (i, j, k) holds exactly the input's 2x2x2 cube at (2i, 2j, 2k), all channels.
+  np.testing.assert_array_equal(np.sort(np.asarray(y[1, 1, 2, 3])), np.sort(x[1, 2:4, 4:6, 6:8].ravel()))
+  np.testing.assert_array_equal(np.asarray(depth_to_space(y, 2)), x)
+
+
+def test_continuous_patch_autoencoder_learns_and_has_no_codebook(volumes):
+  """patch_size=2 + quantize=False: the latent is the encoder output at 1/(2 * 2^(L-1)), decoding
+  uses it as it comes (no snapping), and training lowers the loss on the blobs."""
+  c = tiny_config("vqvae")
+  c.model.patch_size = 2
+  c.model.channels = (16, 32)
+  c.model.num_res_blocks = (1, 1)
+  c.model.attention_levels = ()
+  c.generative.quantize = False
+  c.loss.perceptual = 0.0
+  task = T.VQVAETask(c, 1)
+  batch = volumes
+  st = Stepper(task, batch, steps=60)
+  first = float(st.step(batch)["loss"])
+  for _ in range(59):
+    m = st.step(batch)
+  assert float(m["loss"]) < 0.6 * first and "vq_perplexity" not in m and float(m["latent_rms"]) > 0
+  variables = {"params": st.state.params["tokenizer"], "vq_stats": st.state.model_state["vq_stats"]}
+  assert not jax.tree.leaves(variables["vq_stats"])
+  z = task.model.apply(variables, jnp.asarray(volumes["image"]), method=task.model.encode_generative)
+  assert z.shape == (N, SIZE // 4, SIZE // 4, SIZE // 4, 4)
+  # quantize=True is ignored without a codebook: the decode of z is the model's reconstruction.
+  x_hat = task.model.apply(variables, z, quantize=True, method=task.model.decode_from_generative)
+  np.testing.assert_allclose(np.asarray(x_hat), np.asarray(task.reconstruct(st.state.params, st.state.model_state,
+                                                                              batch)), atol=1e-5)
+  with pytest.raises(ValueError, match="patch_size"):
+    task.model.apply(variables, jnp.zeros((1, 18, 16, 16, 1)), method=task.model.encode_generative)
+
+
 # ------------------------------------------------------------------------------ staged training
 
 

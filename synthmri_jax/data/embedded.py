@@ -618,13 +618,28 @@ def _remove_stale(out_dir: str) -> None:
       os.remove(os.path.join(out_dir, name))
 
 
-def build_embedded_cohort(cfg, out_dir: str, log=None) -> str:
+def _write_subject(job: tuple) -> str:
+  """Simulates and writes one subject (a module-level function, so a process pool can run it):
+  every subject's draws derive from (seed, index) only, so the order of the jobs does not matter."""
+  spec, out_dir, participant_id, label, path, mask_path = job
+  sub = draw_subject(spec, int(participant_id[4:]) - 1, label)
+  image, mask, affine = simulate_subject(spec, sub)
+  if spec.lesions:
+    if mask is None:
+      mask = np.zeros(image.shape, np.uint8)
+    _write(mask, affine, os.path.join(out_dir, mask_path), sub.orientation, np.uint8)
+  _write(image, affine, os.path.join(out_dir, path), sub.orientation, np.dtype(sub.dtype))
+  return participant_id
+
+
+def build_embedded_cohort(cfg, out_dir: str, log=None, map_fn=None) -> str:
   """Writes the simulated cohort (NIfTI + participants.tsv) into out_dir; returns the table's path.
 
   `cfg` is config.data.embedded. Idempotent: a complete build for the same cfg returns at once;
   an interrupted one resumes, keeping the subjects already written (each file is written
   atomically, the image after its mask). A build for a different cfg in the same directory is
-  replaced. `log(msg)` (optional) receives progress lines.
+  replaced. `log(msg)` (optional) receives progress lines; `map_fn(fn, items)` (optional, e.g. a
+  process pool's map) runs the per-subject simulations, in any order.
   """
   spec = CohortSpec.of(cfg)
   out_dir = os.path.abspath(out_dir)
@@ -646,19 +661,9 @@ def build_embedded_cohort(cfg, out_dir: str, log=None) -> str:
   io.write_json_atomic(os.path.join(out_dir, _MANIFEST), dict(hash=digest, spec=dataclasses.asdict(spec)))
 
   table = _table(spec)
-  written = 0
-  for row in table.itertuples(index=False):
-    image_path = os.path.join(out_dir, row.path)
-    if os.path.exists(image_path):
-      continue
-    sub = draw_subject(spec, int(row.participant_id[4:]) - 1, row.label)
-    image, mask, affine = simulate_subject(spec, sub)
-    if spec.lesions:
-      if mask is None:
-        mask = np.zeros(image.shape, np.uint8)
-      _write(mask, affine, os.path.join(out_dir, row.mask_path), sub.orientation, np.uint8)
-    _write(image, affine, image_path, sub.orientation, np.dtype(sub.dtype))
-    written += 1
+  todo = [(spec, out_dir, row.participant_id, row.label, row.path, getattr(row, "mask_path", ""))
+          for row in table.itertuples(index=False) if not os.path.exists(os.path.join(out_dir, row.path))]
+  for written, _ in enumerate((map_fn or map)(_write_subject, todo), 1):
     if log is not None and (written % 20 == 0):
       log(f"embedded cohort: {written} subjects written")
   with io.atomic_path(tsv) as tmp:

@@ -175,18 +175,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   meta_path = os.path.join(root, "prepared.json")
   old_meta = io.read_json(meta_path)
   _check_not_stale(root, old_meta, prep, None)
-  table_path = str(d.cohort_tsv)
-  if not table_path:
-    from synthmri_jax.data.embedded import build_embedded_cohort
-    table_path = build_embedded_cohort(d.embedded, os.path.join(workdir, "embedded"))
-  table_path = os.path.abspath(table_path)
-  df = cohort.read_cohort(table_path, sequences)
-  table_sha = _sha256(table_path)
-  _check_not_stale(root, old_meta, prep, table_sha)
-  key = config_hash(prep, table_sha)
-
   workers = int(d.get("num_workers", min(2, os.cpu_count() or 1)))
   with _Pool(workers) as pool:
+    table_path = str(d.cohort_tsv)
+    if not table_path:
+      from synthmri_jax.data.embedded import build_embedded_cohort
+      table_path = build_embedded_cohort(d.embedded, os.path.join(workdir, "embedded"),
+                                         map_fn=pool.progress_map("embedded subjects simulated"))
+    table_path = os.path.abspath(table_path)
+    df = cohort.read_cohort(table_path, sequences)
+    table_sha = _sha256(table_path)
+    _check_not_stale(root, old_meta, prep, table_sha)
+    key = config_hash(prep, table_sha)
+
     # ---- validate everything before any work
     memo_path = os.path.join(root, "inspected.json")
     memo = io.read_json(memo_path, default={})

@@ -85,6 +85,19 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.kid_subsets = 100
   e.kid_subset_size = 1000
   e.diversity_pairs = 50         # MS-SSIM pairs per set (synthetic, and real train for reference)
+  # Clinically readable fidelity (evaluation.clinical -> WORKDIR/evaluation/anatomy.json): ROI anatomy
+  # by label (real vs synthetic), the codec check, and the paired conditioning check.
+  a = e.anatomy = ml_collections.ConfigDict()
+  a.enabled = True
+  a.case, a.control = "", ""     # "": the last and the first of config.data.labels (AD, CN)
+  a.real_split = "test"          # the real scans the synthetic ones are compared with
+  a.codec_check = True           # encode -> decode real scans through the sampler's decoding path
+  a.codec_splits = "val,test"    # scans the tokenizer never trained on
+  a.tolerance = 0.25             # the codec keeps the effect when |kept / original - 1| <= this
+  a.paired_subjects = 16         # same noise + attributes, sampled as case and as control (0: off)
+  a.n_boot = 2000
+  a.alpha = 0.05
+  a.seed = 0
   return e
 
 

@@ -337,7 +337,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   if len(prepared.split(hold_split)) < 2:
     return {"skipped": f"the {hold_split!r} split has fewer than 2 scans: no non-members to attack with"}
   index = io.read_json(os.path.join(ldm_lib.latents_dir(workdir), "index.json")) or {}
-  scale = float(meta["scale_factor"])
+  norm = ldm_lib.LatentNorm.from_meta(meta, ldm_lib.ldm_dir(workdir))
   attributes = ldm_lib.attributes_from_meta(meta)
   latent_shape = tuple(meta["latent_shape"])
   model, schedule = ldm_lib.build(meta["ldm"], latent_shape[-1], len(meta["labels"]), attributes)
@@ -345,7 +345,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
   prediction_type = str(meta["ldm"]["diffusion"]["prediction_type"])
 
-  members = np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32) * scale
+  members = norm.normalize(np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32))
   member_cond = ldm_lib.split_attributes(prepared, "train", attributes)
   codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir)
   cache = os.path.join(evaluation_dir(workdir), "privacy", f"{hold_split}_latents_{codec.key}.npy")
@@ -360,7 +360,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
     if jax.process_index() == 0:
       with io.atomic_path(cache, suffix=".npy") as tmp:
         np.save(tmp, hold)
-  hold = hold * scale
+  hold = norm.normalize(hold)
   hold_cond = ldm_lib.split_attributes(prepared, hold_split, attributes)
   if int(m.max_members) > 0 and len(members) > int(m.max_members):
     pick = np.sort(np.random.default_rng(int(pc.seed)).choice(len(members), int(m.max_members), replace=False))
@@ -438,7 +438,7 @@ def models_epsilon(workdir: str) -> dict[str, Any]:
   by = {m["model"]: m for m in models}
   generator = [by[k] for k in ("tokenizer", "ldm") if k in by]
   non_private_releases = [
-      "LDM latent scale factor (1 / std of the training latents)",
+      "LDM latent standardisation (mean and std of the training latents, per channel or global)",
       "sample stage attribute model (per-label label / sex frequencies and age KDE or normal fit on the training split)",
   ]
   if generator and all(m["private"] for m in generator) and len(generator) == 2:

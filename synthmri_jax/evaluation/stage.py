@@ -6,7 +6,8 @@ evaluate   ingests the synthetic cohort (evaluate.synthetic_dir, default WORKDIR
            the prepared grid once, runs the whole study (synthmri_jax.evaluation.tstr; writes
            WORKDIR/evaluation/evaluation.json; runs that `classify` trained are reused) and then,
            with privacy.enabled, the privacy report on the same cohort
-           (synthmri_jax.evaluation.privacy; WORKDIR/evaluation/privacy.json).
+           (synthmri_jax.evaluation.privacy; WORKDIR/evaluation/privacy.json), and the
+           clinically readable checks (synthmri_jax.evaluation.clinical; evaluation/anatomy.json).
 Both resume: finished runs are skipped, interrupted ones continue from their checkpoints.
 """
 
@@ -16,6 +17,7 @@ import os
 from typing import Any
 
 from synthmri_jax.data.cache import load_prepared
+from synthmri_jax.evaluation import clinical
 from synthmri_jax.evaluation import config as config_lib
 from synthmri_jax.evaluation import privacy
 from synthmri_jax.evaluation import privacy_config
@@ -47,6 +49,8 @@ def run_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   synthetic = load_synthetic(config, workdir)
   result = tstr.Study(config, workdir, synthetic).run()
+  if bool(config_lib.block(config, "evaluate", config_lib.evaluate_config).anatomy.enabled):
+    result = dict(result, anatomy=clinical.run(config, workdir, synthetic))
   if bool(privacy_config.block(config).enabled):
     result = dict(result, privacy=privacy.run_privacy_on(config, workdir, synthetic))
   return result

@@ -72,6 +72,16 @@ def space_to_depth(x: jax.Array, f: int) -> jax.Array:
   return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, X // f, Y // f, Z // f, f ** 3 * c)
 
 
+def depth_to_space(x: jax.Array, f: int) -> jax.Array:
+  """The inverse of space_to_depth: (B, X, Y, Z, f^3 C) -> (B, fX, fY, fZ, C)."""
+  if f == 1:
+    return x
+  b, X, Y, Z, fc = x.shape
+  c = fc // f ** 3
+  x = x.reshape(b, X, Y, Z, f, f, f, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, X * f, Y * f, Z * f, c)
+
+
 def sincos_3d(grid: Sequence[int], dim: int) -> np.ndarray:
   """Fixed 3D sin-cos position embedding (X*Y*Z, dim): a third of the features per axis."""
   per_axis = max(2, (dim // 6) * 2)
@@ -100,10 +110,10 @@ def per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int, 
   return out
 
 
-def check_grid(shape: Sequence[int], levels: int) -> None:
-  m = 2 ** (levels - 1)
+def check_grid(shape: Sequence[int], levels: int, patch: int = 1) -> None:
+  m = int(patch) * 2 ** (levels - 1)
   if any(int(s) % m for s in shape):
-    raise ValueError(f"volume grid {tuple(shape)} must be divisible by 2^(levels-1) = {m} for "
+    raise ValueError(f"volume grid {tuple(shape)} must be divisible by patch_size * 2^(levels-1) = {m} for "
                      f"{levels} tokenizer levels; pad the data grid (config.data.shape) or use fewer levels")
 
 
@@ -141,13 +151,19 @@ def _self_attention(h: jax.Array, num_heads: int, groups: int, dtype, name: str)
 
 class EncoderStack(nn.Module):
   """Encoder levels `levels[0]..levels[-1]`: level 0 starts with a 3x3x3 stem, every other
-  level with a stride-2 downsample; then ResBlocks and, where configured, self-attention."""
+  level with a stride-2 downsample; then ResBlocks and, where configured, self-attention.
+
+  patch > 1 folds each patch^3 cube into channels before the stem (level 0 then sits at
+  1/patch of the volume grid): on a CPU a conv with one input channel at the full grid runs
+  at a few GFLOP/s, so on small grids the patch stem is several times cheaper per step.
+  """
   channels: Sequence[int]
   levels: Sequence[int]
   num_res_blocks: Sequence[int]
   attention_levels: Sequence[int]
   num_heads: int
   norm_groups: int
+  patch: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -155,7 +171,7 @@ class EncoderStack(nn.Module):
     for i in self.levels:
       c = self.channels[i]
       if i == 0:
-        h = _conv(c, 3, self.dtype, "stem")(h.astype(self.dtype))
+        h = _conv(c, 3, self.dtype, "stem")(space_to_depth(h, self.patch).astype(self.dtype))
       else:
         h = layers.Downsample(c, dtype=self.dtype, name=f"down_{i}")(h)
       h = constrain(h, ACT_5D)
@@ -184,7 +200,8 @@ class DecoderStack(nn.Module):
 
   `context` (B, N_top, C_top) tokens on the top grid are fused after the first mid block
   (see DualTokenizer for the modes). Returns (x_hat, features before conv_out): the VQGAN
-  adaptive weight needs conv_out's input.
+  adaptive weight needs conv_out's input. patch > 1: conv_out predicts each patch^3 cube as
+  channels, unfolded depth-to-space (the mirror of EncoderStack's patch stem).
   """
   channels: Sequence[int]
   top: int
@@ -195,6 +212,7 @@ class DecoderStack(nn.Module):
   norm_groups: int
   out_channels: int
   fusion: str = "none"          # 'none' | 'cross_attention' | 'cross_attention+aligned'
+  patch: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -215,8 +233,8 @@ class DecoderStack(nn.Module):
       if i in self.attention_levels:
         h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn")
     feats = _norm_act(h, self.norm_groups, self.dtype, "norm_out")
-    out = _conv(self.out_channels, 3, self.dtype, "conv_out")(feats)
-    return out.astype(jnp.float32), feats
+    out = _conv(self.out_channels * self.patch ** 3, 3, self.dtype, "conv_out")(feats)
+    return depth_to_space(out, self.patch).astype(jnp.float32), feats
 
   def _fuse(self, h: jax.Array, context: jax.Array) -> jax.Array:
     """h + CrossAttn(q from h + pos, k/v from context + pos) [+ aligned projection of the context].
@@ -252,7 +270,12 @@ def _quantizer(num_codes: int, code_dim: int, vq: Any, name: str) -> VectorQuant
 
 class VQVAE(nn.Module):
   """Single-path 3D VQ-VAE: encoder to 1/2^(L-1), one codebook, mirrored decoder; attention at
-  `attention_levels` (the lowest level by default) and in the bottleneck."""
+  `attention_levels` (the lowest level by default) and in the bottleneck.
+
+  quantize=False makes it a plain continuous autoencoder (no codebook; the latent a DDPM models
+  is the encoder output, decoded as it comes): on a small CPU budget the VQ bottleneck (a few
+  dozen live codes early in training) blurs exactly the fine anatomy a disease changes.
+  """
   channels: Sequence[int] = (16, 32, 64)
   num_res_blocks: Sequence[int] | int = 1
   attention_levels: Sequence[int] = (2,)
@@ -261,6 +284,8 @@ class VQVAE(nn.Module):
   out_channels: int = 1
   num_codes: int = 256
   code_dim: int = 8
+  patch_size: int = 1
+  quantize: bool = True
   vq: Any = None
   dtype: Any = jnp.float32
 
@@ -268,17 +293,19 @@ class VQVAE(nn.Module):
     L = len(self.channels)
     nres = per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
-              num_heads=self.num_heads, norm_groups=self.norm_groups, dtype=self.dtype)
+              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.encoder = EncoderStack(levels=tuple(range(L)), num_res_blocks=nres, **kw)
     self.quant_head = LatentHead(self.code_dim, self.norm_groups, self.dtype)
-    self.quantizer = _quantizer(self.num_codes, self.code_dim, self.vq, "quantizer")
+    if self.quantize:
+      self.quantizer = _quantizer(self.num_codes, self.code_dim, self.vq, "quantizer")
     self.decoder = DecoderStack(top=L - 1, num_res_blocks=nres, mid_blocks=2, out_channels=self.out_channels,
                                 **kw)
 
-  def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-    """x -> (quantised latent, quantiser aux)."""
-    check_grid(x.shape[1:4], len(self.channels))
-    return self.quantizer(self.quant_head(self.encoder(x)), train=train)
+  def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict | None]:
+    """x -> (quantised latent, quantiser aux); (encoder output, None) when quantize=False."""
+    check_grid(x.shape[1:4], len(self.channels), self.patch_size)
+    z = self.quant_head(self.encoder(x))
+    return self.quantizer(z, train=train) if self.quantize else (z, None)
 
   def decode(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.decoder(z)
@@ -290,15 +317,15 @@ class VQVAE(nn.Module):
 
   def encode_generative(self, x: jax.Array, quantize: bool = True) -> jax.Array:
     """The latent a DDPM models: quantised codes (quantize=True) or the encoder output before quantisation."""
-    check_grid(x.shape[1:4], len(self.channels))
+    check_grid(x.shape[1:4], len(self.channels), self.patch_size)
     z = self.quant_head(self.encoder(x))
-    return self.quantizer(z)[0] if quantize else z
+    return self.quantizer(z)[0] if quantize and self.quantize else z
 
   def decode_from_generative(self, z: jax.Array, clinical: str = "null", quantize: bool = True) -> jax.Array:
     """Latent -> volume; a sampled latent is snapped to its nearest codes first (quantize=True).
     `clinical` is accepted for interface parity with DualTokenizer (there is no clinical path)."""
     del clinical
-    if quantize:
+    if quantize and self.quantize:
       z = self.quantizer(z)[0]
     return self.decoder(z)[0]
 
@@ -445,6 +472,7 @@ class DualTokenizer(nn.Module):
   prior_channels: int = 32
   prior_res_blocks: int = 1
   prior_logit_chunk: int = 4096
+  patch_size: int = 1
   vq: Any = None
   dtype: Any = jnp.float32
 
@@ -458,7 +486,7 @@ class DualTokenizer(nn.Module):
                        f"got {self.clinical_fusion!r}")
     nres = per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
-              num_heads=self.num_heads, norm_groups=self.norm_groups, dtype=self.dtype)
+              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.trunk = EncoderStack(levels=tuple(range(c + 1)), num_res_blocks=nres, **kw)
     self.clinical_quant_head = LatentHead(self.clinical_dim, self.norm_groups, self.dtype)
     self.clinical_vq = _quantizer(self.clinical_codes, self.clinical_dim, self.vq, "clinical_vq")
@@ -478,7 +506,7 @@ class DualTokenizer(nn.Module):
 
   def encode_clinical(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict, jax.Array]:
     """x -> (z_c quantised, clinical quantiser aux, trunk features)."""
-    check_grid(x.shape[1:4], len(self.channels))
+    check_grid(x.shape[1:4], len(self.channels), self.patch_size)
     feats = self.trunk(x)
     z_c, aux = self.clinical_vq(self.clinical_quant_head(feats), train=train)
     return z_c, aux, feats
@@ -557,10 +585,12 @@ def build_tokenizer(tcfg: Any, in_channels: int) -> nn.Module:
   common = dict(channels=tuple(int(c) for c in m.channels),
                 num_res_blocks=tuple(int(n) for n in per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
                 attention_levels=tuple(int(a) for a in m.attention_levels), num_heads=int(m.num_heads),
-                norm_groups=int(m.norm_groups), out_channels=int(in_channels), vq=vq, dtype=dtype)
+                norm_groups=int(m.norm_groups), out_channels=int(in_channels), patch_size=int(m.get("patch_size", 1)),
+                vq=vq, dtype=dtype)
   variant = str(tcfg.variant)
   if variant in ("vqvae", "vqgan"):
-    return VQVAE(num_codes=int(tcfg.generative.num_codes), code_dim=int(tcfg.generative.code_dim), **common)
+    return VQVAE(num_codes=int(tcfg.generative.num_codes), code_dim=int(tcfg.generative.code_dim),
+                 quantize=bool(tcfg.generative.get("quantize", True)), **common)
   if variant == "dual":
     return DualTokenizer(
         clinical_level=int(tcfg.clinical.level), clinical_codes=int(tcfg.clinical.num_codes),

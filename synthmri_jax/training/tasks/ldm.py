@@ -13,10 +13,12 @@ Layout:
 
 Latents: the training split (and val, for the eval loss) is encoded ONCE by the tokenizer,
 batch-sharded over the mesh; each batch is saved atomically, so an interrupted encoding resumes at
-the first missing batch. The scale factor is 1 / std of every training-latent element (Rombach et
-al.'s recipe, MONAI's tutorial) so the diffusion sees unit-variance data and the schedule's
-signal-to-noise ratios mean what they say. The model trains on scaled latents; sampling divides
-by the factor before decoding.
+the first missing batch. The latents are standardised so the diffusion sees unit-variance data and
+the schedule's signal-to-noise ratios mean what they say (`LatentNorm`): 'global' is Rombach et
+al.'s single scale factor, 1 / std of every training-latent element (MONAI's tutorial);
+'per_channel' subtracts each channel's mean and divides by its std, for codecs whose channels
+differ in spread (a 0.12 channel under a global 1 / 0.5 scale is drowned by the noise at half
+the schedule). The model trains on normalised latents; sampling inverts the map before decoding.
 
 The tokenizer enters through one adapter, `LatentCodec` (`tokenizer_codec`), so the stage does not
 care which tokenizer variant was trained; tests pass their own codec.
@@ -270,9 +272,10 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
           np.save(tmp, full)
         latent_shape = list(full.shape[1:])
         if split == "train":
-          std = float(full.astype(np.float64).std())
+          f64 = full.astype(np.float64)
+          std = float(f64.std())
           index["scale_factor"] = 1.0 / std if std > 1e-8 else 1.0
-          index["latent_mean"] = float(full.astype(np.float64).mean())
+          index["latent_mean"] = float(f64.mean())
           index["latent_std"] = std
         index["latent_shape"] = latent_shape
         index["splits"][split] = {"n": n, "complete": True}
@@ -286,11 +289,76 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
   return index
 
 
-class LatentSource:
-  """A split's latents (memory-mapped), multiplied by the scale factor, with label and attributes."""
+NORM_MODES = ("global", "per_channel", "per_element")
+NORM_FILE = "latent_norm.npz"
 
-  def __init__(self, path: str, scale: float, conds: dict[str, np.ndarray]):
-    self.path, self.scale = path, float(scale)
+
+@dataclasses.dataclass(frozen=True)
+class LatentNorm:
+  """normalised = (latent - shift) * scale; shift and scale broadcast against one latent (x, y, z, D).
+
+  Modes, all fitted on the training latents:
+    global       shift 0, scale 1 / std of every element (Rombach et al.; MONAI's tutorial)
+    per_channel  each channel's mean and 1 / std
+    per_element  each latent voxel's and channel's mean and 1 / std over the training subjects
+                 (floored at `floor` x its channel's median element std, so constant background
+                 is not blown up). The diffusion then models deviations
+                 from the mean anatomy: a brain's layout is fixed by registration-like preprocessing,
+                 so the mean latent already decodes to an average brain, and the network spends its
+                 few CPU steps on what varies between subjects (and between labels) instead of
+                 first relearning the template.
+  """
+  mode: str
+  shift: np.ndarray
+  scale: np.ndarray
+
+  @classmethod
+  def fit(cls, latents: np.ndarray, mode: str, floor: float = 0.1) -> "LatentNorm":
+    z = np.asarray(latents, np.float64)
+    safe = lambda sd: np.where(sd > 1e-8, sd, 1.0)
+    if mode == "global":
+      shift, sd = np.zeros((1,) * (z.ndim - 1)), np.full((1,) * (z.ndim - 1), z.std())
+    elif mode == "per_channel":
+      axes = tuple(range(z.ndim - 1))
+      shift, sd = z.mean(axis=axes), z.std(axis=axes)
+    elif mode == "per_element":
+      sd = z.std(axis=0)
+      typical = np.median(sd.reshape(-1, sd.shape[-1]), axis=0)   # per channel
+      shift, sd = z.mean(axis=0), np.maximum(sd, float(floor) * typical)
+    else:
+      raise ValueError(f"ldm.latents.standardize must be one of {NORM_MODES}, got {mode!r}")
+    return cls(mode, shift.astype(np.float32), (1.0 / safe(sd)).astype(np.float32))
+
+  @classmethod
+  def from_meta(cls, meta: dict, ldm_directory: str | None = None) -> "LatentNorm":
+    """From ldm.json and the stats file beside it (an ldm.json without 'latent_norm' used the
+    global scale factor)."""
+    entry = meta.get("latent_norm")
+    if not entry:
+      return cls("global", np.zeros((1,), np.float32), np.full((1,), float(meta["scale_factor"]), np.float32))
+    if ldm_directory is None:
+      raise ValueError("LatentNorm.from_meta needs the LDM directory to read " + str(entry.get("file")))
+    with np.load(os.path.join(ldm_directory, entry["file"])) as f:
+      return cls(str(entry["mode"]), f["shift"], f["scale"])
+
+  def save(self, ldm_directory: str) -> dict:
+    """Writes the stats file; returns ldm.json's 'latent_norm' entry."""
+    with io.atomic_path(os.path.join(ldm_directory, NORM_FILE), suffix=".npz") as tmp:
+      np.savez(tmp, shift=self.shift, scale=self.scale)
+    return {"mode": self.mode, "file": NORM_FILE}
+
+  def normalize(self, z):
+    return (z - self.shift) * self.scale
+
+  def denormalize(self, x):
+    return x / self.scale + self.shift
+
+
+class LatentSource:
+  """A split's latents (memory-mapped), normalised by `norm`, with label and attributes."""
+
+  def __init__(self, path: str, norm: LatentNorm, conds: dict[str, np.ndarray]):
+    self.path, self.norm = path, norm
     self.latents = np.load(path, mmap_mode="r")
     self.conds = conds
     n = len(self.latents)
@@ -302,7 +370,7 @@ class LatentSource:
     return len(self.latents)
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    out = {LATENT_KEY: np.asarray(self.latents[i], np.float32) * np.float32(self.scale)}
+    out = {LATENT_KEY: self.norm.normalize(np.asarray(self.latents[i], np.float32)).astype(np.float32)}
     out.update({k: v[i] for k, v in self.conds.items()})
     return out
 
@@ -424,8 +492,11 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
                         "cohort; resuming them would be wrong. Delete that folder to retrain, or use another --workdir.")
   mesh = make_mesh(config)
   index = encode_latents(config, workdir, prepared, codec, mesh, log=log)
-  scale = float(index["scale_factor"])
   latent_shape = tuple(index["latent_shape"])
+  ldir = latents_dir(workdir)
+  norm = LatentNorm.fit(np.load(os.path.join(ldir, "train.npy"), mmap_mode="r"),
+                        str(config.ldm.latents.get("standardize", "global")),
+                        float(config.ldm.latents.get("std_floor", 0.1)))
 
   attributes = unet_lib.parse_attributes(config.ldm.cond.attributes)
   train_conds = split_attributes(prepared, "train", attributes)
@@ -436,14 +507,13 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   if jax.process_index() == 0:
     io.write_json_atomic(run_path, {"model_key": model_key})
 
-  ldir = latents_dir(workdir)
-  train_src = LatentSource(os.path.join(ldir, "train.npy"), scale, train_conds)
+  train_src = LatentSource(os.path.join(ldir, "train.npy"), norm, train_conds)
   gb = _round_up(batch_size(config), mesh)
   # trainer.train_iterator: Poisson-sampled batches when train.dp is enabled (DP-SGD on the generator).
   it = trainer.train_iterator(tc, train_src, gb, int(config.data.shuffle_seed), mesh=mesh)
   eval_fn = None
   if index["splits"].get("val", {}).get("complete"):
-    val_src = LatentSource(os.path.join(ldir, "val.npy"), scale, split_attributes(prepared, "val", attributes))
+    val_src = LatentSource(os.path.join(ldir, "val.npy"), norm, split_attributes(prepared, "val", attributes))
     eval_fn = lambda: loader.eval_iterator(val_src, gb)
   rates: list[float] = []
   losses: list[float] = []
@@ -455,7 +525,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     if on_log is not None:
       on_log(step, values)
 
-  log(f"ldm: {len(train_src)} training latents {latent_shape}, scale factor {scale:.4g}, batch {gb}, "
+  log(f"ldm: {len(train_src)} training latents {latent_shape}, {norm.mode} standardisation, batch {gb}, "
       f"{tc.train.steps} steps, conditioning on {', '.join(model.conditioning.names)}")
   t0 = time.time()
   state = trainer.train(task, tc, out_dir, it, eval_fn, mesh=mesh, on_log=logged)
@@ -463,7 +533,9 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   meta = {
       "complete": True, "key": key, "model_key": model_key, "codec": codec.description,
       "ldm": _block(config.ldm), "attributes": [dataclasses.asdict(a) for a in attributes],
-      "labels": prepared.labels, "latent_shape": list(latent_shape), "scale_factor": scale,
+      "labels": prepared.labels, "latent_shape": list(latent_shape),
+      "scale_factor": float(index["scale_factor"]),
+      "latent_norm": norm.save(out_dir) if jax.process_index() == 0 else {"mode": norm.mode, "file": NORM_FILE},
       "step": int(jax.device_get(state.step)), "steps_per_s": float(np.median(steady)) if steady else None,
       "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),

@@ -223,7 +223,7 @@ class _TokenizerTaskBase:
     x = jnp.asarray(batch["image"], jnp.float32)
     r1, r2 = jax.random.split(rng)
     variables = self.model.init({"params": r1, "vq": r2}, x, train=False)
-    model_state = {"vq_stats": variables["vq_stats"], "perceptual": self.perceptual.init_params(self.in_channels)}
+    model_state = {"vq_stats": variables.get("vq_stats", {}), "perceptual": self.perceptual.init_params(self.in_channels)}
     return {"tokenizer": variables["params"]}, model_state
 
   @staticmethod
@@ -254,7 +254,9 @@ class _TokenizerTaskBase:
 
 
 class VQVAETask(_TokenizerTaskBase):
-  """Single-path VQ-VAE: L1 + perceptual + boundary-band L1 + commitment."""
+  """Single-path VQ-VAE: L1 + perceptual + boundary-band L1 + commitment; without a codebook
+  (generative.quantize=False) the commitment term becomes loss.latent_l2 * mean(z^2), which
+  keeps the continuous latent's scale from drifting."""
 
   variant = "vqvae"
 
@@ -269,9 +271,15 @@ class VQVAETask(_TokenizerTaskBase):
                                 mutable=["vq_stats"])
     band = self.band(batch)
     rec, parts = self.rec_loss(model_state["perceptual"], out["x_hat"], x, band)
-    loss = rec + float(self.lcfg.codebook) * out["vq"]["loss"]
-    metrics = {"rec": rec, **parts, "psnr": jnp.mean(psnr(out["x_hat"], x)), **self._vq_metrics("vq_", out["vq"])}
-    return loss, out, band, metrics, {"vq_stats": upd["vq_stats"], "perceptual": model_state["perceptual"]}
+    metrics = {"rec": rec, **parts, "psnr": jnp.mean(psnr(out["x_hat"], x))}
+    if out["vq"] is not None:
+      loss = rec + float(self.lcfg.codebook) * out["vq"]["loss"]
+      metrics.update(self._vq_metrics("vq_", out["vq"]))
+    else:
+      z2 = jnp.mean(jnp.square(out["z"]))
+      loss = rec + float(self.lcfg.get("latent_l2", 0.0)) * z2
+      metrics["latent_rms"] = jnp.sqrt(z2)
+    return loss, out, band, metrics, {"vq_stats": upd.get("vq_stats", {}), "perceptual": model_state["perceptual"]}
 
   def loss(self, params, model_state, batch, rng, step):
     loss, _, _, metrics, new_ms = self._generator(params, model_state, batch, rng)
@@ -288,7 +296,8 @@ class VQVAETask(_TokenizerTaskBase):
     return {"psnr": psnr(out["x_hat"], x), "ssim": ssim3d(out["x_hat"], x),
             "l1": jnp.mean(jnp.abs(out["x_hat"] - x).reshape(x.shape[0], -1), axis=-1),
             "band_l1": band_l1(out["x_hat"], x, band), "valid": valid,
-            "counts_generative": _code_counts(out["vq"]["indices"], self.model.num_codes, valid),
+            **({"counts_generative": _code_counts(out["vq"]["indices"], self.model.num_codes, valid)}
+               if out["vq"] is not None else {}),
             **{f"slices_{k}": v for k, v in mid_slices(out["x_hat"]).items()}}
 
 

@@ -37,6 +37,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------ architecture
   a = c.model = ml_collections.ConfigDict()
+  a.patch_size = 1                   # >1: fold patch^3 voxels into channels first (level i at 1/(patch 2^i))
   a.channels = (16, 32, 64) if quick else (64, 128, 256, 256)  # width per level; level i is at 1/2^i
   a.num_res_blocks = (0, 1, 1) if quick else (1, 2, 2, 2)      # ResBlocks per level (encoder and decoder)
   a.attention_levels = (2,) if quick else (3,)                 # self-attention at these levels (lowest by default)
@@ -55,6 +56,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   g = c.generative = ml_collections.ConfigDict()   # also the single codebook of vqvae / vqgan
   g.num_codes = 256 if quick else 4096
   g.code_dim = 8 if quick else 128
+  g.quantize = True                  # vqvae only: False = continuous autoencoder (no codebook; loss.latent_l2 instead)
 
   p = c.prior = ml_collections.ConfigDict()        # clinical codes | generative latent (VQ-VAE-2 style)
   p.channels = 32 if quick else 256
@@ -78,6 +80,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   lo.boundary_width = 1              # band half-width in voxels around mask / edge boundaries
   lo.edge_fraction = 0.15            # without masks: the top fraction of gradient-magnitude voxels are edges
   lo.codebook = 1.0                  # weight of the quantisers' commitment (+ codebook) losses
+  lo.latent_l2 = 1e-3                # continuous autoencoder (generative.quantize=False): weight of mean(z^2)
   lo.clinical_head = 0.5             # joint stage: keep the clinical latent decodable on its own
 
   pe = c.perceptual = ml_collections.ConfigDict()

@@ -208,22 +208,23 @@ def _summary(config, prepared, task, state, m, per_stage) -> dict[str, Any]:
       "perceptual": task.perceptual.description,
       "data_range": 1.0,
   }
+  patch = int(tcfg.model.get("patch_size", 1))
   if str(tcfg.variant) == "dual":
     out["clinical_modes"] = {mode: {"psnr": m[f"psnr_{mode}"], "ssim": m[f"ssim_{mode}"],
                                     "boundary_band_l1": m[f"band_l1_{mode}"]} for mode in ("encoded", "predicted", "null")}
     out["clinical_modes"]["prior_top1_accuracy"] = m["prior_accuracy"]
     out["psnr_clinical_head"] = m["psnr_clinical_head"]
-    out["latents"] = {"clinical": _latent_shape(prepared.shape, int(tcfg.clinical.level), int(tcfg.clinical.code_dim)),
+    out["latents"] = {"clinical": _latent_shape(prepared.shape, int(tcfg.clinical.level), int(tcfg.clinical.code_dim), patch),
                       "generative": _latent_shape(prepared.shape, len(tcfg.model.channels) - 1,
-                                                  int(tcfg.generative.code_dim))}
+                                                  int(tcfg.generative.code_dim), patch)}
   else:
     out["latents"] = {"generative": _latent_shape(prepared.shape, len(tcfg.model.channels) - 1,
-                                                  int(tcfg.generative.code_dim))}
+                                                  int(tcfg.generative.code_dim), patch)}
   return out
 
 
-def _latent_shape(shape, level, dim) -> list[int]:
-  return [int(s) // 2 ** level for s in shape] + [dim]
+def _latent_shape(shape, level, dim, patch=1) -> list[int]:
+  return [int(s) // (int(patch) * 2 ** level) for s in shape] + [dim]
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -267,4 +268,4 @@ def load_tokenizer(config, workdir: str, stage: Optional[str] = None):
   _, loaded = ckpt_lib.load_variables(os.path.join(stage_dir(workdir, stage), "checkpoints"))
   params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
   model = build_tokenizer(tcfg, len(prepared.channels))
-  return model, {"params": params["tokenizer"], "vq_stats": loaded["model_state"]["vq_stats"]}
+  return model, {"params": params["tokenizer"], "vq_stats": loaded["model_state"].get("vq_stats", {})}

@@ -1,0 +1,56 @@
+"""LatentNorm: each standardisation mode gives zero-mean, unit-variance training latents in its
+own sense, round-trips exactly, and survives a save / load through ldm.json."""
+
+import numpy as np
+import pytest
+
+from synthmri_jax.training.tasks import ldm
+
+
+@pytest.fixture
+def latents():
+  rng = np.random.default_rng(0)
+  # (N, x, y, z, D): a fixed per-position "anatomy" plus subject variation whose spread differs per channel.
+  template = rng.normal(0, 2.0, (4, 5, 3, 3))
+  spread = np.array([0.1, 1.0, 3.0])
+  return (template + rng.normal(0, 1, (64, 4, 5, 3, 3)) * spread).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ldm.NORM_MODES)
+def test_modes_standardise_in_their_own_sense_and_invert(latents, mode, tmp_path):
+  norm = ldm.LatentNorm.fit(latents, mode)
+  x = norm.normalize(latents)
+  if mode == "global":
+    assert x.std() == pytest.approx(1.0, rel=1e-4) and norm.shift.item() == 0.0
+  elif mode == "per_channel":
+    np.testing.assert_allclose(x.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(x.std(axis=(0, 1, 2, 3)), 1.0, rtol=1e-4)
+  else:
+    np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(x.std(axis=0), 1.0, rtol=1e-3)
+    # The mean latent is the shift: a zero sample decodes to the training mean.
+    np.testing.assert_allclose(norm.denormalize(np.zeros_like(latents[0])), latents.mean(axis=0), atol=1e-5)
+  np.testing.assert_allclose(norm.denormalize(x), latents, rtol=1e-5, atol=1e-5)
+  entry = norm.save(str(tmp_path))
+  back = ldm.LatentNorm.from_meta({"latent_norm": entry}, str(tmp_path))
+  assert back.mode == mode
+  np.testing.assert_array_equal(back.normalize(latents), x)
+
+
+def test_per_element_floor_keeps_constant_background_finite():
+  z = np.zeros((16, 2, 2, 2, 2), np.float32)
+  z[:, 0] = np.random.default_rng(1).normal(0, 1, (16, 2, 2, 2))   # half the grid varies, half is constant
+  norm = ldm.LatentNorm.fit(z, "per_element", floor=0.1)
+  assert np.all(np.isfinite(norm.scale))
+  # A constant element is scaled as if its std were 0.1 x its channel's median element std, not 1 / 1e-8.
+  typical = np.median(z.std(axis=0).reshape(-1, 2), axis=0)
+  assert np.all(typical > 0.1)
+  np.testing.assert_allclose(norm.scale[1], np.broadcast_to(1.0 / (0.1 * typical), (2, 2, 2)), rtol=1e-5)
+  np.testing.assert_allclose(norm.scale[0], 1.0 / z[:, 0].std(axis=0), rtol=1e-5)
+
+
+def test_old_ldm_json_reads_as_global_scale():
+  norm = ldm.LatentNorm.from_meta({"scale_factor": 0.5})
+  np.testing.assert_allclose(norm.normalize(np.full((2, 2), 4.0)), 2.0)
+  with pytest.raises(ValueError, match="standardize"):
+    ldm.LatentNorm.fit(np.zeros((2, 2, 2)), "per_voxel")
