@@ -60,7 +60,7 @@ from synthmri_jax.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_samp
 from synthmri_jax.diffusion.schedules import NoiseSchedule
 from synthmri_jax.models import unet as unet_lib
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training.tasks import ldm as ldm_lib
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError

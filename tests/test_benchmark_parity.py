@@ -18,7 +18,7 @@ from monai.networks.nets import VQVAE as MonaiVQVAE
 from monai.networks.nets import DiffusionModelUNet
 
 from synthmri_jax.models import monai_mirror
-from synthmri_jax.training.state import unbox
+from synthmri_jax.sharding import unbox
 
 UNET = dict(channels=(32, 64, 64), attention_levels=(False, True, True), num_res_blocks=1)
 VQ = dict(channels=(32, 64), num_res_channels=(32, 64), num_res_layers=1, num_embeddings=256, embedding_dim=32)

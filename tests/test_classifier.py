@@ -11,10 +11,10 @@ from sklearn.metrics import roc_auc_score
 from synthmri_jax.data import loader
 from synthmri_jax.models.classifier import ResNet3D
 from synthmri_jax.models.segmenter import UNet3D
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
 from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
-from synthmri_jax.training.state import unbox
+from synthmri_jax.sharding import unbox
 from synthmri_jax.training.tasks.segmenter import SegmenterTask
 
 SHAPE = (16, 16, 16)

@@ -15,7 +15,7 @@ import scipy.stats
 import toy_task as tt
 from synthmri_jax.data import loader
 from synthmri_jax.training import dp_accounting as dpa
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 
 N = 8

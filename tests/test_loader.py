@@ -16,7 +16,7 @@ import pytest
 
 from synthmri_jax.data import cache
 from synthmri_jax.data import loader
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.utils import io
 
 SHAPE = (6, 5, 4)
@@ -275,7 +275,7 @@ def test_global_batch_on_four_fake_devices(repo_root):
   code = textwrap.dedent("""
       import ml_collections, numpy as np
       from synthmri_jax.data import loader
-      from synthmri_jax.training import mesh as mesh_lib
+      from synthmri_jax import sharding as mesh_lib
       m = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=1)))
       batch = {"image": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "label": np.arange(8, dtype=np.int32)}
       out = loader.make_global_batch(batch, m)

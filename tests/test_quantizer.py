@@ -281,7 +281,7 @@ _SHARDED = textwrap.dedent("""
   import types
   import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
   from synthmri_jax.models.quantizer import STATS, VectorQuantizer
-  from synthmri_jax.training.mesh import LOGICAL_AXIS_RULES, make_mesh
+  from synthmri_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
 
   mesh = make_mesh(types.SimpleNamespace(data=2, fsdp=2, tensor=1))
   for mode in ("ema",):

@@ -14,7 +14,8 @@ _CHILD = r"""
 import json, sys
 import jax, ml_collections, numpy as np
 import toy_task as tt
-from synthmri_jax.training import mesh as mesh_lib, trainer
+from synthmri_jax import sharding as mesh_lib
+from synthmri_jax.training import trainer
 
 assert jax.device_count() == 8, jax.devices()
 out = sys.argv[1]

@@ -16,9 +16,9 @@ import pytest
 
 from synthmri_jax.evaluation import fidelity
 from synthmri_jax.models import perceptual as perc_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
-from synthmri_jax.training.state import unbox
+from synthmri_jax.sharding import unbox
 from synthmri_jax.training.tasks import tokenizer as T
 from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
 

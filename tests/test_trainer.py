@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import toy_task as tt
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 
 

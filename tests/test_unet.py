@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from synthmri_jax.models import unet as U
-from synthmri_jax.training import mesh as mesh_lib
-from synthmri_jax.training.state import unbox
+from synthmri_jax import sharding as mesh_lib
+from synthmri_jax.sharding import unbox
 
 COND = U.Conditioning(num_classes=2, attributes=(U.Attribute("age", "continuous", mean=70.0, scale=10.0),
                                                  U.Attribute("sex", "categorical", num_classes=2)),

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 
 SPATIAL = (4, 4, 4)
 CHANNELS = 2

@@ -321,7 +321,7 @@ class JaxRunner:
     import jax.numpy as jnp
     import ml_collections
     import numpy as np
-    from synthmri_jax.training import mesh as mesh_lib
+    from synthmri_jax import sharding as mesh_lib
     from synthmri_jax.training import optim, trainer
     self.jax = jax
     r = np.random.default_rng(seed)

@@ -40,9 +40,9 @@ from synthmri_jax.evaluation import privacy_stats
 from synthmri_jax.models.classifier import group_norm
 from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 from synthmri_jax.utils import io
 
 ENCODER_DIR = os.path.join("evaluation", "privacy_encoder")

@@ -60,7 +60,7 @@ from synthmri_jax.evaluation.synthetic_cohort import SyntheticCohort
 from synthmri_jax.models import classifier as classifier_lib
 from synthmri_jax.models import segmenter as segmenter_lib
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
 from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
 from synthmri_jax.training.tasks.segmenter import SegmenterTask

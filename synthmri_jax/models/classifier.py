@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from synthmri_jax.models.conv import Conv3D
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 
 ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 # He init (variance 2 / fan_in) rather than conv.py's PyTorch default (1 / (3 fan_in)): with the

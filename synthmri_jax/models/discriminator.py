@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 
 ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D, torch_like_init
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 
 Array = jax.Array
 

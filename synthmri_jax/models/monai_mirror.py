@@ -31,8 +31,8 @@ import numpy as np
 
 from synthmri_jax.models.conv import Conv3D, ConvTranspose3D
 from synthmri_jax.models.quantizer import STATS, VectorQuantizer
-from synthmri_jax.training.mesh import constrain
-from synthmri_jax.training.state import unbox
+from synthmri_jax.sharding import constrain
+from synthmri_jax.sharding import unbox
 
 ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 

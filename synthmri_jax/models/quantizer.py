@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 
 STATS = "vq_stats"
 _NEVER_USED = 2 ** 30   # steps_since_used of a code never assigned (no int32 overflow on +1)

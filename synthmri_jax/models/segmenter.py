@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from synthmri_jax.models.classifier import ACT_5D, ResBlock, group_norm, per_stage
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 
 
 class UNet3D(nn.Module):

@@ -50,7 +50,7 @@ import numpy as np
 
 from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
-from synthmri_jax.training.mesh import constrain
+from synthmri_jax.sharding import constrain
 
 ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 ACT_TOKENS = ("batch", "act_tokens", "act_channels")

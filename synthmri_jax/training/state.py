@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 
@@ -39,13 +38,3 @@ class TrainState:
 
   def run_key(self) -> jax.Array:
     return jax.random.wrap_key_data(self.rng)
-
-
-def unbox(tree: Any) -> Any:
-  """Strips flax partitioning boxes WITHOUT applying their sharding constraints.
-
-  (Box.unbox() would constrain with flax's resolver, which rejects repeated names and
-  non-dividing axes; placement is mesh.tree_shardings' job.)
-  """
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))

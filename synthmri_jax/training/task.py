@@ -19,7 +19,7 @@ Threading of state and randomness:
 `init` runs under jax.eval_shape, then under jax.jit with out_shardings, without a mesh
 context: activation constraints inside it are no-ops and `batch` is only there for shapes.
 `loss`, `evaluate` run under jax.jit inside jax.set_mesh(mesh) with the logical-axis rules
-set, so activation constraints (synthmri_jax.training.mesh.constrain) apply.
+set, so activation constraints (synthmri_jax.sharding.constrain) apply.
 
 GANs (VQGAN) use ONE params tree {'generator': ..., 'discriminator': ...} and one summed
 loss; each part sees the other through jax.lax.stop_gradient:

@@ -54,10 +54,11 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from synthmri_jax.data import loader as loader_lib
 from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax.training import dp_accounting
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim
 from synthmri_jax.training import task as task_lib
-from synthmri_jax.training.state import TrainState, unbox
+from synthmri_jax.sharding import unbox
+from synthmri_jax.training.state import TrainState
 from synthmri_jax.utils import io
 
 DP_FILE = "dp.json"   # WORKDIR/dp.json of a DP-SGD run: settings and epsilon spent

@@ -44,7 +44,7 @@ from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.diffusion.schedules import NoiseSchedule, check_prediction_type, make_schedule
 from synthmri_jax.models import unet as unet_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError

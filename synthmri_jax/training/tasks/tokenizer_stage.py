@@ -33,7 +33,7 @@ from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.models.quantizer import code_statistics
 from synthmri_jax.models.tokenizer import build_tokenizer
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training import mesh as mesh_lib
+from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 from synthmri_jax.training.tasks.tokenizer import DUAL_STAGES, make_task, mid_slices, slice_images
 from synthmri_jax.utils import io

@@ -1,4 +1,4 @@
-"""The device mesh (Auto axes: GSPMD propagates shardings from the annotations) and the one table that maps logical axis names to mesh axes.
+"""Sharding, decided in one place: the device mesh (Auto axes: GSPMD propagates shardings from the annotations) and the one table that maps logical axis names to mesh axes.
 
 Models annotate parameters (nn.with_logical_partitioning) and activations (`constrain`
 below, or nn.with_logical_constraint) with the logical names below; nothing else in the
@@ -9,6 +9,8 @@ the same model runs on meshes of any shape, so a dimension that a mesh axis does
 divide (3 input channels over fsdp=2, a batch of 6 over 4 devices) must fall back to
 replication on that axis instead of failing to compile; and a name may repeat within one
 array (a conv kernel's three 'conv_spatial' dimensions), which flax rejects.
+
+Imports nothing from the project, so models can use it without depending on training.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], ax
   table = _rules_dict(rules)
   for name in names:
     if name is not None and name not in table:
-      raise ValueError(f"logical axis name {name!r} has no rule in synthmri_jax.training.mesh.LOGICAL_AXIS_RULES "
+      raise ValueError(f"logical axis name {name!r} has no rule in synthmri_jax.sharding.LOGICAL_AXIS_RULES "
                        f"(known: {sorted(table)})")
   return _fit([() if n is None else table[n] for n in names], shape, axis_sizes)
 
@@ -168,3 +170,14 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULE
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, dict(mesh.shape), rules))
+
+
+def unbox(tree: Any) -> Any:
+  """Strips flax partitioning boxes WITHOUT applying their sharding constraints.
+
+  (Box.unbox() would constrain with flax's resolver, which rejects repeated names and
+  non-dividing axes; placement is tree_shardings' job.)
+  """
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
