@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -48,7 +47,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pandas as pd
@@ -233,7 +231,7 @@ class Generator:
     self.model, self.schedule = model, schedule
     self.latent_shape = tuple(int(s) for s in latent_shape)
     self.mesh = mesh if mesh is not None else mesh_lib.mesh_from_config(None)
-    self.batch_size = ldm_lib._round_up(max(1, int(batch_size)), self.mesh)
+    self.batch_size = ldm_lib.round_up(max(1, int(batch_size)), self.mesh)
     null = guidance_null
     if isinstance(null, str):
       null = "all" if null.strip() == "all" else tuple(s.strip() for s in null.split(",") if s.strip())
@@ -450,12 +448,12 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
   s = config.sample
   prepared = load_prepared(workdir)
   g = load_trained(config, workdir, codec)
-  meta, labels, attributes, latent_shape = g.meta, g.labels, g.attributes, g.latent_shape
+  meta, labels, attributes = g.meta, g.labels, g.attributes
   model, schedule, step, params, codec, mesh = g.model, g.schedule, g.step, g.params, g.codec, g.mesh
 
   out_dir = os.path.join(workdir, OUT_DIR)
   state_path = os.path.join(workdir, STATE_FILE)
-  key = ldm_lib._hash({"sample": ldm_lib._block(s), "ldm": meta["key"], "step": step, "codec": codec.key,
+  key = ldm_lib.config_digest({"sample": ldm_lib.plain_block(s), "ldm": meta["key"], "step": step, "codec": codec.key,
                        "channels": prepared.channels, "affine": prepared.meta["affine"]})
   state = io.read_json(state_path) or {}
   is_main = jax.process_index() == 0

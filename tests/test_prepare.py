@@ -118,7 +118,7 @@ def _mtimes(workdir):
 
 def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
-  real = prepare._process_row
+  real = prepare.process_row
   calls = []
 
   def crash_after_4(task):

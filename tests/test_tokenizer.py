@@ -72,7 +72,7 @@ class Stepper:
 
   def __init__(self, task, batch, **train):
     self.cfg = train_cfg(**train)
-    self.mesh = mesh_lib.make_mesh(trainer._AllData())
+    self.mesh = mesh_lib.mesh_from_config(None)
     self.bsh = mesh_lib.batch_sharding(self.mesh)
     rep = mesh_lib.replicated(self.mesh)
     init_fn, _, self.state_sh, tx = trainer.build_state(task, self.cfg, self.mesh, self.shard(batch))

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import shutil
 import sys
 import time
 

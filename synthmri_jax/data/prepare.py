@@ -108,7 +108,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     np.save(tmp, array)
 
 
-def _process_row(task: dict[str, Any]) -> tuple[int, float]:
+def process_row(task: dict[str, Any]) -> tuple[int, float]:
   """Preprocesses one scan and writes its cache files (mask first, image last). Runs in a
   worker process; only the index and the time travel back."""
   t0 = time.time()
@@ -243,7 +243,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     print(f"prepare: {n_total} scans, {n_cached} already cached, {len(tasks)} to do "
           f"({pool.workers} worker process{'es' if pool.workers > 1 else ''})", flush=True)
     progress = _Progress("scans", n_total, n_cached)
-    for _ in pool.run_unordered(_process_row, tasks):
+    for _ in pool.run_unordered(process_row, tasks):
       progress.update()
 
   # ---- the table, then prepared.json with complete=true last

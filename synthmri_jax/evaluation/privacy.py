@@ -2,7 +2,7 @@
 inference on the LDM, and epsilon of every model that saw private data.
 
     report = run_privacy(config, workdir, synthetic_volumes, synthetic_ids)   # -> WORKDIR/evaluation/privacy.json
-    report = run_privacy_stage(config, workdir)   # the same on evaluate.synthetic_dir (default WORKDIR/synthetic)
+    report = run_privacy_on(config, workdir, synthetic)   # on an ingested cohort (evaluation.stage.load_synthetic)
     flags = flag_generated(config, workdir, volumes)  # sample.reject_copies: is each new volume a copy?
 
 Copies (Dar et al. 2024) use two similarities to the training scans, each with its threshold τ
@@ -618,10 +618,3 @@ def run_privacy_on(config, workdir: str, synthetic, *, log: Callable[[str], None
   src = synthetic.source()
   vols = np.stack([src[i]["image"] for i in range(len(src))])
   return run_privacy(config, workdir, vols, synthetic.table["participant_id"].astype(str).tolist(), log=log)
-
-
-def run_privacy_stage(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """run_privacy on the synthetic cohort of the evaluate stage (evaluate.synthetic_dir), ingested
-  onto the prepared grid exactly as the TSTR study ingests it."""
-  from synthmri_jax.evaluation.stage import load_synthetic
-  return run_privacy_on(config, workdir, load_synthetic(config, workdir), log=log)

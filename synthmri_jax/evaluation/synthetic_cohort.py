@@ -286,7 +286,7 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
                         normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"])))
     log(f"synthetic cohort: preprocessing {len(tasks)} of {len(good)} scans onto the prepared grid "
         f"{tuple(grid['shape'])} at {grid['spacing_mm']:g} mm")
-    pool.map(prepare._process_row, tasks)
+    pool.map(prepare.process_row, tasks)
   table = pd.DataFrame({
       "participant_id": good["participant_id"], "session_id": good["session_id"], "label": good["label"],
       "label_index": good["label_index"], "age": good["age"], "sex": good["sex"], "split": "train",

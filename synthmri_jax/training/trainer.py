@@ -744,6 +744,3 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
   finally:
     ckpt.close()
     writer.close()
-
-
-_AllData = mesh_lib._AllData  # kept for callers that built a mesh with it; prefer mesh.mesh_from_config

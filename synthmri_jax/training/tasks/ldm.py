@@ -64,11 +64,11 @@ def ldm_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), LDM_DIR)
 
 
-def _hash(obj: Any) -> str:
+def config_digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _block(cfg: Any) -> Any:
+def plain_block(cfg: Any) -> Any:
   return json.loads(cfg.to_json(sort_keys=True)) if hasattr(cfg, "to_json") else cfg
 
 
@@ -118,7 +118,7 @@ def tokenizer_codec(config, workdir: str, clinical: Optional[str] = None) -> Lat
   def decode(v, z):
     return model.apply(v, z, clinical=clinical, method=model.decode_from_generative)
 
-  key = _hash({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
+  key = config_digest({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
                "quantized": quantized})
   return LatentCodec(encode, decode, variables, key,
                      f"{metrics.get('variant')} tokenizer, stage {stage} step {max(steps) if steps else '?'}")
@@ -150,7 +150,7 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return mesh_lib.mesh_from_config(config)
 
 
-def _round_up(n: int, mesh: jax.sharding.Mesh) -> int:
+def round_up(n: int, mesh: jax.sharding.Mesh) -> int:
   k = int(np.prod([mesh.shape[a] for a in loader.BATCH_AXES]))
   return -(-int(n) // k) * k
 
@@ -196,7 +196,7 @@ def attributes_from_meta(meta: dict[str, Any]) -> tuple[unet_lib.Attribute, ...]
 
 def _latent_fields(config) -> dict[str, Any]:
   """The latents-block fields that change the latents (not which splits are encoded, nor the batching)."""
-  return {k: v for k, v in _block(config.ldm.latents).items() if k not in ("splits", "encode_batch_size")}
+  return {k: v for k, v in plain_block(config.ldm.latents).items() if k not in ("splits", "encode_batch_size")}
 
 
 def latents_dir(workdir: str) -> str:
@@ -220,7 +220,7 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
   os.makedirs(out_dir, exist_ok=True)
   index_path = os.path.join(out_dir, "index.json")
   splits = _encode_splits(config, prepared)
-  key = _hash({"codec": codec.key, "cohort": prepared.meta.get("config_hash"),
+  key = config_digest({"codec": codec.key, "cohort": prepared.meta.get("config_hash"),
                "latents": _latent_fields(config), "version": CACHE_VERSION})
   index = io.read_json(index_path) or {}
   is_main = jax.process_index() == 0
@@ -233,7 +233,7 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
   if all(index["splits"].get(s, {}).get("complete") for s in splits) and "scale_factor" in index:
     return index
 
-  global_batch = _round_up(int(config.ldm.latents.encode_batch_size or 0) or int(config.data.batch_size), mesh)
+  global_batch = round_up(int(config.ldm.latents.encode_batch_size or 0) or int(config.data.batch_size), mesh)
   rep = mesh_lib.replicated(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
     encode = jax.jit(lambda v, x, i: (codec.encode(v, x), i), out_shardings=rep)
@@ -452,8 +452,8 @@ def build(ldm_cfg, out_channels: int, num_classes: int, attributes) -> tuple[une
 
 def _model_key(config, codec: LatentCodec, prepared: PreparedCohort) -> str:
   """What the checkpoints depend on (not train.steps: more steps resume the same run)."""
-  blk = _block(config.ldm)
-  return _hash({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": _latent_fields(config)} |
+  blk = plain_block(config.ldm)
+  return config_digest({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": _latent_fields(config)} |
                {"codec": codec.key, "cohort": prepared.meta.get("config_hash"), "labels": prepared.labels})
 
 
@@ -475,7 +475,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   codec = codec if codec is not None else tokenizer_codec(config, workdir)
   tc = train_config(config)
   model_key = _model_key(config, codec, prepared)
-  key = _hash({"model": model_key, "train": _block(tc.train), "batch": batch_size(config),
+  key = config_digest({"model": model_key, "train": plain_block(tc.train), "batch": batch_size(config),
                "shuffle_seed": int(config.data.shuffle_seed)})
   meta_path = os.path.join(out_dir, META_FILE)
   done = io.read_json(meta_path)
@@ -508,7 +508,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     io.write_json_atomic(run_path, {"model_key": model_key})
 
   train_src = LatentSource(os.path.join(ldir, "train.npy"), norm, train_conds)
-  gb = _round_up(batch_size(config), mesh)
+  gb = round_up(batch_size(config), mesh)
   # trainer.train_iterator: Poisson-sampled batches when train.dp is enabled (DP-SGD on the generator).
   it = trainer.train_iterator(tc, train_src, gb, int(config.data.shuffle_seed), mesh=mesh)
   eval_fn = None
@@ -532,7 +532,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   steady = rates[1:] if len(rates) > 1 else rates
   meta = {
       "complete": True, "key": key, "model_key": model_key, "codec": codec.description,
-      "ldm": _block(config.ldm), "attributes": [dataclasses.asdict(a) for a in attributes],
+      "ldm": plain_block(config.ldm), "attributes": [dataclasses.asdict(a) for a in attributes],
       "labels": prepared.labels, "latent_shape": list(latent_shape),
       "scale_factor": float(index["scale_factor"]),
       "latent_norm": norm.save(out_dir) if jax.process_index() == 0 else {"mode": norm.mode, "file": NORM_FILE},

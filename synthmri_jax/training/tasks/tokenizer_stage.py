@@ -86,8 +86,7 @@ def _batch_size(config) -> int:
 
 
 def _mesh(config):
-  m = config.get("mesh", None)
-  return mesh_lib.make_mesh(m if m is not None else trainer._AllData())
+  return mesh_lib.mesh_from_config(config)
 
 
 def evaluate_split(task, params, model_state, source, batch_size: int, mesh) -> dict[str, Any]:
