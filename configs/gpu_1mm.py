@@ -5,16 +5,11 @@ At 1 mm a 4-level tokenizer's generative latent is 22x26x22; the U-Net remateria
 blocks to fit a batch per device. Scale out with mesh.fsdp (docs/SCALING.md).
 """
 
-import importlib.util
-import os
+from synthmri_jax.utils.config_files import sibling
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      "gpu_2mm", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_2mm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(spacing_mm=1.0, shape=(176, 208, 176))
+  c = sibling(__file__, "gpu_2mm").get_config(spacing_mm=1.0, shape=(176, 208, 176))
   c.data.batch_size = 4
   c.tokenizer.batch_size = 4
   c.ldm.model.remat = True

@@ -5,25 +5,15 @@ On a pod or cluster see docs/SCALING.md and launch/. Every field of configs/quic
 exists here too (this file starts from it and changes sizes, steps and precision).
 """
 
-import importlib.util
-import os
-
 from synthmri_jax.evaluation.config import classifier_config, evaluate_config
 from synthmri_jax.evaluation.privacy_config import privacy_config
 from synthmri_jax.training.tasks.ldm_config import ldm_config, sample_config
 from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
-
-
-def _sibling(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from synthmri_jax.utils.config_files import sibling
 
 
 def get_config(spacing_mm: float = 2.0, shape=(96, 112, 96)):
-  c = _sibling("quickstart").get_config()
+  c = sibling(__file__, "quickstart").get_config()
   d = c.data
   d.spacing_mm = spacing_mm    # 96x112x96 at 2 mm = 192x224x192 mm: the largest simulated heads fit
   d.shape = shape              # divisible by 8 (the 4-level tokenizer downsamples 3 times)
