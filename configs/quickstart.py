@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.num_subjects = 400                           # test split 60 subjects: AUC intervals about +-0.1
   # Tokenizer: a continuous autoencoder sized for the 40x48x40 grid. Measured on the same cohort and
   # budget (BENCHMARKS.md "Quickstart levers"): the dual tokenizer's null path kept 0.79 of the AD-CN
-  # ventricle effect and decoded blobs; a VQ-VAE with the same layers 0.67; this one 0.87.
+  # ventricle effect and decoded blobs; a VQ-VAE with these layers 0.67; this one 0.87 (200 steps).
   t = c.tokenizer
   t.variant = "vqvae"
   t.generative.quantize = False                  # no codebook: the VQ bottleneck blurred the ventricles
@@ -76,18 +76,19 @@ def get_config() -> ml_collections.ConfigDict:
   t.model.attention_levels = ()
   t.loss.perceptual = 0.0
   t.batch_size = 8
-  t.stage_train.main.steps = 200
-  c.ldm.train.steps = 200
+  t.stage_train.main.steps = 160
+  c.ldm.train.steps = 150
   c.ldm.train.warmup_steps = 10
-  c.sample.num_subjects = 96
+  c.sample.num_subjects = 64
   c.sample.steps = 25                            # DDIM steps
   c.classifier.batch_size = 16
-  c.classifier.train.steps = 300                 # 80 steps at batch 8 gave TRTR 0.56-0.66; 300 at 16 gave 0.92
+  c.classifier.train.steps = 240                 # 80 steps at batch 8 gave TRTR 0.56-0.66; 300 at 16 gave 0.92
   c.evaluate.seeds = 1
   c.evaluate.real_fractions = (1.0,)             # AUG = all real + synthetic; TRTR, TSTR, AUG stay
   c.evaluate.real_only_baselines = False
-  c.privacy.encoder.train.steps = 120
-  c.privacy.encoder.train.checkpoint_every = 120
+  c.evaluate.anatomy.paired_subjects = 8
+  c.privacy.encoder.train.steps = 80
+  c.privacy.encoder.train.checkpoint_every = 80
 
   # ---------------------------------------------------------------- mesh
   m = c.mesh = ml_collections.ConfigDict()
