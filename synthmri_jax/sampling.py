@@ -395,7 +395,7 @@ def load_trained(config, workdir: str, codec: Optional[ldm_lib.LatentCodec] = No
   latent_shape = tuple(meta["latent_shape"])
   model, schedule = ldm_lib.build(meta["ldm"], latent_shape[-1], len(labels), attributes)
   step, loaded = ckpt_lib.load_variables(os.path.join(ldm_lib.ldm_dir(workdir), "checkpoints"))
-  params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
+  params = ckpt_lib.eval_params(loaded)
   codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir, clinical=str(config.sample.clinical))
   return Trained(meta, labels, attributes, latent_shape, model, schedule, int(step), params, codec,
                  ldm_lib.make_mesh(config), ldm_lib.ldm_dir(workdir))

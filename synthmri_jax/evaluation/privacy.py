@@ -342,7 +342,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   latent_shape = tuple(meta["latent_shape"])
   model, schedule = ldm_lib.build(meta["ldm"], latent_shape[-1], len(meta["labels"]), attributes)
   step, loaded = ckpt_lib.load_variables(os.path.join(ldm_lib.ldm_dir(workdir), "checkpoints"))
-  params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
+  params = ckpt_lib.eval_params(loaded)
   prediction_type = str(meta["ldm"]["diffusion"]["prediction_type"])
 
   members = norm.normalize(np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32))

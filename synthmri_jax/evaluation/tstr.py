@@ -208,7 +208,7 @@ def _train_block(train_cfg, mesh_cfg, seed: int) -> ml_collections.ConfigDict:
 def _variables_from_ckpt(directory: str) -> dict[str, Any]:
   """{'params': (EMA if kept) params, **model_state} from the last checkpoint in a trainer's checkpoint dir."""
   _, v = ckpt_lib.load_variables(directory)
-  params = v["ema_params"] if v.get("ema_params") else v["params"]
+  params = ckpt_lib.eval_params(v)
   return {"params": params, **(v.get("model_state") or {})}
 
 

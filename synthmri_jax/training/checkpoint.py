@@ -90,3 +90,9 @@ def load_variables(directory: str, step: Optional[int] = None) -> tuple[int, dic
     mngr.close()
   to_np = lambda t: jax.tree.map(np.asarray, t)
   return int(step), {k: to_np(tree.get(k)) for k in ("params", "model_state", "ema_params")}
+
+
+def eval_params(variables: dict[str, Any]) -> Any:
+  """The params to evaluate / sample with from load_variables' dict: the EMA params when the run
+  kept them, else the params (TrainState.eval_params for a restored checkpoint)."""
+  return variables["ema_params"] if variables.get("ema_params") else variables["params"]

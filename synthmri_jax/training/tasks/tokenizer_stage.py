@@ -265,6 +265,6 @@ def load_tokenizer(config, workdir: str, stage: Optional[str] = None):
   stage = stage or stage_names(tcfg)[-1]
   prepared = load_prepared(workdir)
   _, loaded = ckpt_lib.load_variables(os.path.join(stage_dir(workdir, stage), "checkpoints"))
-  params = loaded["ema_params"] if loaded.get("ema_params") else loaded["params"]
+  params = ckpt_lib.eval_params(loaded)
   model = build_tokenizer(tcfg, len(prepared.channels))
   return model, {"params": params["tokenizer"], "vq_stats": loaded["model_state"].get("vq_stats", {})}
