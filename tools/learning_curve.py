@@ -94,6 +94,13 @@ def _fmt(x, d=3):
   return "n/a" if x is None else f"{x:.{d}f}"
 
 
+def _tokenizer_steps(config) -> int:
+  t = config.tokenizer
+  if str(t.variant) == "dual":
+    return sum(int(t.stage_train[s].steps) for s in str(t.stages).split(",") if s.strip())
+  return int(t.stage_train.main.steps)
+
+
 def _pct(x):
   return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -113,7 +120,7 @@ def markdown(rows: list[dict], machine: str) -> str:
     t, s = r["TRTR"], r["TSTR"]
     ms = r.get("ms_ssim") or {}
     syn = next((v for k, v in ms.items() if "synthetic" in k), None)
-    out.append(f"| {r.get('tokenizer_steps')} | {r['ldm_step']} | {_fmt(r['wall_s'] / 60, 1)} | "
+    out.append(f"| {r.get('tokenizer_trained_steps', r.get('tokenizer_steps'))} | {r['ldm_step']} | {_fmt(r['wall_s'] / 60, 1)} | "
                f"{_fmt(t['auc'])} [{_fmt(t['ci_low'])}, {_fmt(t['ci_high'])}] | "
                f"{_fmt(s['auc'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {_fmt(r['tstr_trtr_ratio'])} | "
                f"{_fmt(_fd_value(r), 2)} | {_fmt(syn)} | "
@@ -188,7 +195,8 @@ def run_curve(config, workdir: str, ldm_steps: list[int], tokenizer_steps: list[
         log(f"learning curve: tokenizer {tok}, LDM {steps} steps: stage {name}")
         _stage(c, wd, name)
       row = point_row(wd)
-      row.update(tokenizer_steps=tok, wall_s=round(time.time() - t_start, 1))
+      row.update(tokenizer_steps=tok, tokenizer_trained_steps=_tokenizer_steps(c),
+                 wall_s=round(time.time() - t_start, 1))
       rows.append(row)
       io.write_json_atomic(state_path, {"ldm_steps": ldm_steps, "tokenizer_steps": tokenizer_steps, "rows": rows,
                                         "wall_s": row["wall_s"], "machine": machine})
