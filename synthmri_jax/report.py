@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from synthmri_jax import workdir as W
 from synthmri_jax.utils import io
 
 REPORT_MD = "report.md"
@@ -279,16 +280,16 @@ class Inputs:
   def __init__(self, workdir: str):
     self.workdir = workdir
     j = lambda *p: self._json(os.path.join(workdir, *p))
-    self.config = j("config.json")
-    self.timings = j("timings.json")
+    self.config = j(W.CONFIG_FILE)
+    self.timings = j(W.TIMINGS_FILE)
     self.prepared_meta = j("data", "prepared.json")
-    self.tokenizer = j("tokenizer", "tokenizer_metrics.json")
-    self.ldm = j("ldm", "ldm.json")
-    self.sample_state = j("synthetic_state.json")
-    self.evaluation = j("evaluation", "evaluation.json")
-    self.classify = j("evaluation", "classify.json")
-    self.privacy = j("evaluation", "privacy.json")
-    self.anatomy = j("evaluation", "anatomy.json")
+    self.tokenizer = j("tokenizer", W.TOKENIZER_METRICS_FILE)
+    self.ldm = j("ldm", W.LDM_META_FILE)
+    self.sample_state = j(W.SYNTHETIC_STATE_FILE)
+    self.evaluation = j("evaluation", W.EVALUATION_FILE)
+    self.classify = j("evaluation", W.CLASSIFY_FILE)
+    self.privacy = j("evaluation", W.PRIVACY_FILE)
+    self.anatomy = j("evaluation", W.ANATOMY_FILE)
 
   @staticmethod
   def _json(path: str) -> Any:

@@ -29,8 +29,9 @@ from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation import anatomy, codec_check
 from synthmri_jax.evaluation import config as config_lib
 from synthmri_jax.utils import io
+from synthmri_jax import workdir as workdir_lib
 
-FILE = "anatomy.json"
+FILE = workdir_lib.ANATOMY_FILE
 
 
 def case_control(config, labels) -> tuple[str, str]:
@@ -95,9 +96,9 @@ def run(config, workdir: str, synthetic, log: Callable[[str], None] = print) -> 
   out["n_synthetic"] = int(len(synthetic))
   real_effects = {m: out["by_label"][m]["real"]["effect"] for m in anatomy.MEASURES}
 
-  ours = os.path.realpath(synthetic.folder) == os.path.realpath(os.path.join(workdir, "synthetic"))
+  ours = os.path.realpath(synthetic.folder) == os.path.realpath(workdir_lib.synthetic_dir(workdir))
   # codec: this workdir's tokenizer, through the sampler's decoding path
-  has_tokenizer = os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer_metrics.json"))
+  has_tokenizer = os.path.exists(os.path.join(workdir_lib.tokenizer_dir(workdir), workdir_lib.TOKENIZER_METRICS_FILE))
   if not bool(a.codec_check):
     out["codec"] = {"skipped": "evaluate.anatomy.codec_check is off"}
   elif not has_tokenizer:
@@ -112,7 +113,7 @@ def run(config, workdir: str, synthetic, log: Callable[[str], None] = print) -> 
                                    batch_size=int(config_lib.block(config, "evaluate", config_lib.evaluate_config)
                                                   .batch_size), log=log, **kw)
   # paired: this workdir's LDM (only meaningful for a cohort it generated)
-  has_ldm = os.path.exists(os.path.join(workdir, "ldm", "ldm.json"))
+  has_ldm = os.path.exists(os.path.join(workdir_lib.ldm_dir(workdir), workdir_lib.LDM_META_FILE))
   if int(a.paired_subjects) <= 0:
     out["paired"] = {"skipped": "evaluate.anatomy.paired_subjects is 0"}
   elif not (has_ldm and ours):
@@ -124,7 +125,7 @@ def run(config, workdir: str, synthetic, log: Callable[[str], None] = print) -> 
     log(f"paired conditioning check ({a.paired_subjects} pairs): {case} - {control} ventricle difference "
         f"{p['mean_difference']:.2f} mL [{p['ci_low']:.2f}, {p['ci_high']:.2f}], real effect "
         f"{real_effects['ventricle_ml']:.2f} mL")
-  path = os.path.join(workdir, "evaluation", FILE)
+  path = os.path.join(workdir_lib.evaluation_dir(workdir), FILE)
   io.write_json_atomic(path, out)
   log(f"anatomy: wrote {path}")
   return out

@@ -50,16 +50,13 @@ from synthmri_jax.evaluation import embedding as embedding_lib
 from synthmri_jax.evaluation import privacy_stats
 from synthmri_jax.evaluation.privacy_config import block as privacy_block
 from synthmri_jax.training import trainer
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils import io
 
-PRIVACY_FILE = "privacy.json"
+PRIVACY_FILE = workdir_lib.PRIVACY_FILE
 MEASURES = ("embedding", "voxel")
 COPY_RULES = ("embedding", "voxel", "either")
 _SKIP_TRAIN_ARMS = ("TSTR", "SEG_synthetic")   # evaluation runs trained on synthetic data only
-
-
-def evaluation_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "evaluation")
 
 
 def pool_volumes(volumes: np.ndarray, factor: int) -> np.ndarray:
@@ -325,7 +322,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   if not m.enabled:
     return {"skipped": "privacy.mia.enabled is false"}
   ldm_root = os.path.join(os.path.abspath(workdir), "ldm")
-  if not os.path.exists(os.path.join(ldm_root, "ldm.json")):
+  if not os.path.exists(os.path.join(ldm_root, workdir_lib.LDM_META_FILE)):
     return {"skipped": f"no trained LDM in {ldm_root} (ldm.json missing)"}
   from synthmri_jax.training import checkpoint as ckpt_lib   # the LDM's modules only when there is one
   from synthmri_jax.training.tasks import ldm as ldm_lib
@@ -348,7 +345,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   members = norm.normalize(np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32))
   member_cond = ldm_lib.split_attributes(prepared, "train", attributes)
   codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir)
-  cache = os.path.join(evaluation_dir(workdir), "privacy", f"{hold_split}_latents_{codec.key}.npy")
+  cache = os.path.join(workdir_lib.evaluation_dir(workdir), "privacy", f"{hold_split}_latents_{codec.key}.npy")
   if os.path.exists(cache):
     hold = np.load(cache)
   else:
@@ -424,7 +421,7 @@ def models_epsilon(workdir: str) -> dict[str, Any]:
   ldm_root = os.path.join(workdir, "ldm")
   if os.path.isdir(os.path.join(ldm_root, "checkpoints")):
     models.append(_dp_entry("ldm", ldm_root, True, [read(ldm_root)]))
-  runs = os.path.join(evaluation_dir(workdir), "runs")
+  runs = os.path.join(workdir_lib.evaluation_dir(workdir), "runs")
   for d in _run_dirs(runs) if os.path.isdir(runs) else []:
     rel = os.path.relpath(d, runs)
     arm = rel.split(os.sep)[0]
@@ -471,7 +468,7 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
   if len(ids) != len(vols) or len(vols) < 2:
     raise ValueError(f"need >= 2 synthetic volumes with one id each, got {len(vols)} volumes and {len(ids)} ids")
   key = _result_key(pc, workdir, vols, ids)
-  out_path = os.path.join(evaluation_dir(workdir), PRIVACY_FILE)
+  out_path = os.path.join(workdir_lib.evaluation_dir(workdir), PRIVACY_FILE)
   done = io.read_json(out_path)
   if done and done.get("complete") and done.get("key") == key:
     log(f"privacy: {out_path} is up to date (key {key}); not recomputed")
@@ -519,7 +516,7 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
                  for m in checker.quantiles)
 
   # Closest pairs (primary measure: the embedding) as figures.
-  fig_dir = os.path.join(evaluation_dir(workdir), "figures")
+  fig_dir = os.path.join(workdir_lib.evaluation_dir(workdir), "figures")
   primary = "embedding"
   best = nn[primary].similarity[:, 0]
   order = np.argsort(-best, kind="stable")[: int(pc.num_figures)]

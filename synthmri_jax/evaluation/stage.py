@@ -23,6 +23,7 @@ from synthmri_jax.evaluation import privacy
 from synthmri_jax.evaluation import privacy_config
 from synthmri_jax.evaluation import tstr
 from synthmri_jax.evaluation.synthetic_cohort import load_synthetic_cohort
+from synthmri_jax import workdir as workdir_lib
 
 
 def run_classify(config, workdir: str) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def run_classify(config, workdir: str) -> dict[str, Any]:
 def synthetic_dir(config, workdir: str) -> str:
   ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
   return os.path.abspath(os.path.expanduser(str(ev.synthetic_dir))) if str(ev.synthetic_dir) else \
-      os.path.join(os.path.abspath(workdir), "synthetic")
+      workdir_lib.synthetic_dir(workdir)
 
 
 def load_synthetic(config, workdir: str):
@@ -41,7 +42,7 @@ def load_synthetic(config, workdir: str):
   ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
   workdir = os.path.abspath(workdir)
   return load_synthetic_cohort(
-      synthetic_dir(config, workdir), load_prepared(workdir), os.path.join(tstr.evaluation_dir(workdir), "synthetic_cache"),
+      synthetic_dir(config, workdir), load_prepared(workdir), os.path.join(workdir_lib.evaluation_dir(workdir), "synthetic_cache"),
       on_bad_file=str(ev.on_bad_file), num_workers=int(ev.num_workers))
 
 

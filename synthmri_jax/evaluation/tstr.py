@@ -64,6 +64,7 @@ from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
 from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
 from synthmri_jax.training.tasks.segmenter import SegmenterTask
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
@@ -78,10 +79,6 @@ SEED_REFERENCE = {"source": "seeds/000 (ADNI T1w, AD vs CN, latent diffusion)", 
 
 class FeatureWeightsError(UserInputError, ValueError):
   """evaluate.feature_weights cannot be used; the message names the file."""
-
-
-def evaluation_dir(workdir: str) -> str:
-  return os.path.join(workdir, "evaluation")
 
 
 # ------------------------------------------------------------------------------ arms and data
@@ -312,7 +309,7 @@ class Study:
     self.log = log or (lambda msg: print(msg, flush=True))
     self.labels = self.real.labels
     if bool(self.ev.compilation_cache):
-      enable_compilation_cache(os.path.join(evaluation_dir(self.workdir), "compile_cache"))
+      enable_compilation_cache(os.path.join(workdir_lib.evaluation_dir(self.workdir), "compile_cache"))
     self.mesh_cfg = config.get("mesh", None) if config is not None else None
     self.mesh = mesh_lib.make_mesh(self.mesh_cfg) if self.mesh_cfg is not None else None   # None: trainer's default
     self.base_seed = int(config.get("seed", 0)) if config is not None else 0
@@ -335,7 +332,7 @@ class Study:
   # ---------------------------------------------------------------- runs
 
   def runs_dir(self) -> str:
-    return os.path.join(evaluation_dir(self.workdir), "runs")
+    return os.path.join(workdir_lib.evaluation_dir(self.workdir), "runs")
 
   def seeds(self) -> list[int]:
     return list(range(int(self.ev.seeds)))
@@ -487,7 +484,7 @@ class Study:
       out["segmentation"] = {"SEG_real": self._seg_summary(seg)}
     else:
       out["segmentation"] = {"skipped": why}
-    io.write_json_atomic(os.path.join(evaluation_dir(self.workdir), "classify.json"), json_safe(out))
+    io.write_json_atomic(os.path.join(workdir_lib.evaluation_dir(self.workdir), workdir_lib.CLASSIFY_FILE), json_safe(out))
     return out
 
   def run(self) -> dict[str, Any]:
@@ -514,7 +511,7 @@ class Study:
     }
     out["seconds"] = round(time.time() - t0, 1)
     out = json_safe(out)
-    path = os.path.join(evaluation_dir(self.workdir), "evaluation.json")
+    path = os.path.join(workdir_lib.evaluation_dir(self.workdir), workdir_lib.EVALUATION_FILE)
     io.write_json_atomic(path, out)
     self.log(format_table(out))
     self.log(f"[evaluate] wrote {path}")

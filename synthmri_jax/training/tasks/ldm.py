@@ -46,11 +46,11 @@ from synthmri_jax.diffusion.schedules import NoiseSchedule, check_prediction_typ
 from synthmri_jax.models import unet as unet_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
-LDM_DIR = "ldm"
-META_FILE = "ldm.json"
+META_FILE = workdir_lib.LDM_META_FILE
 RUN_FILE = "run.json"
 LATENT_KEY = "latent"
 CACHE_VERSION = 1
@@ -61,7 +61,7 @@ class StaleRunError(UserInputError, RuntimeError):
 
 
 def ldm_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LDM_DIR)
+  return workdir_lib.ldm_dir(workdir)
 
 
 def config_digest(obj: Any) -> str:

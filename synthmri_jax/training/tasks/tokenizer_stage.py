@@ -36,9 +36,10 @@ from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 from synthmri_jax.training.tasks.tokenizer import DUAL_STAGES, make_task, mid_slices, slice_images
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils import io
 
-METRICS_FILE = "tokenizer_metrics.json"
+METRICS_FILE = workdir_lib.TOKENIZER_METRICS_FILE
 
 
 def stage_names(tcfg) -> list[str]:
@@ -52,7 +53,7 @@ def stage_names(tcfg) -> list[str]:
 
 
 def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "tokenizer", stage)
+  return os.path.join(workdir_lib.tokenizer_dir(workdir), stage)
 
 
 def train_config(config, stage: str) -> ml_collections.ConfigDict:

@@ -1,0 +1,44 @@
+"""Where a run's outputs live: every stage's folder and the file names other stages read.
+
+A stage writes its own outputs; another stage, the report or a tool that reads them names them
+through this module, so a rename happens in one place. Paths are absolute.
+"""
+
+from __future__ import annotations
+
+import os
+
+CONFIG_FILE = "config.json"
+TIMINGS_FILE = "timings.json"
+TOKENIZER_METRICS_FILE = "tokenizer_metrics.json"
+LDM_META_FILE = "ldm.json"
+SYNTHETIC_DIR = "synthetic"
+SYNTHETIC_STATE_FILE = "synthetic_state.json"
+EVALUATION_FILE = "evaluation.json"
+CLASSIFY_FILE = "classify.json"
+PRIVACY_FILE = "privacy.json"
+ANATOMY_FILE = "anatomy.json"
+
+
+def _abs(workdir: str, *parts: str) -> str:
+  return os.path.join(os.path.abspath(workdir), *parts)
+
+
+def data_dir(workdir: str) -> str:
+  return _abs(workdir, "data")
+
+
+def tokenizer_dir(workdir: str) -> str:
+  return _abs(workdir, "tokenizer")
+
+
+def ldm_dir(workdir: str) -> str:
+  return _abs(workdir, "ldm")
+
+
+def synthetic_dir(workdir: str) -> str:
+  return _abs(workdir, SYNTHETIC_DIR)
+
+
+def evaluation_dir(workdir: str) -> str:
+  return _abs(workdir, "evaluation")
