@@ -127,7 +127,7 @@ def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, mo
     calls.append(task["index"])
     return real(task)
 
-  monkeypatch.setattr(prepare, "_process_row", crash_after_4)
+  monkeypatch.setattr(prepare, "process_row", crash_after_4)
   with pytest.raises(KeyboardInterrupt):
     prepare.run(config, workdir)
   meta = json.load(open(os.path.join(workdir, "data", "prepared.json")))
@@ -140,7 +140,7 @@ def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, mo
   open(os.path.join(workdir, "data", "cache", ".x.image.npy.abc.tmp.npy"), "wb").write(b"half")
 
   redone = []
-  monkeypatch.setattr(prepare, "_process_row", lambda task: redone.append(task["index"]) or real(task))
+  monkeypatch.setattr(prepare, "process_row", lambda task: redone.append(task["index"]) or real(task))
   prepare.run(config, workdir)
   assert len(redone) == 11 - 4 and not set(redone) & set(calls)
   after = _mtimes(workdir)
