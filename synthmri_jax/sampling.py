@@ -377,11 +377,12 @@ class Trained:
                      batch_size=int(s.batch_size), mesh=self.mesh)
 
   def decoder(self) -> Callable:
-    """Jitted (codec variables, normalised latents) -> volumes, replicated."""
+    """Jitted (codec variables, normalised latents, their labels) -> volumes, replicated."""
     norm = ldm_lib.LatentNorm.from_meta(self.meta, self.ldm_dir)
     codec = self.codec
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-      return jax.jit(lambda v, z: codec.decode(v, norm.denormalize(z)), out_shardings=mesh_lib.replicated(self.mesh))
+      return jax.jit(lambda v, z, y: codec.decode(v, norm.denormalize(z, y)),
+                     out_shardings=mesh_lib.replicated(self.mesh))
 
 
 def load_trained(config, workdir: str, codec: Optional[ldm_lib.LatentCodec] = None) -> Trained:
@@ -427,8 +428,9 @@ def paired_samples(config, workdir: str, num_pairs: int, case: str, control: str
     for start in range(0, len(z), gen.batch_size):
       chunk = z[start:start + gen.batch_size]
       pad = np.concatenate([chunk, np.repeat(chunk[-1:], gen.batch_size - len(chunk), axis=0)])
+      y = np.full(len(pad), g.labels.index(name), np.int32)
       with jax.set_mesh(g.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-        vols.append(np.asarray(jax.device_get(decode(g.codec.variables, pad)), np.float32)[: len(chunk)])
+        vols.append(np.asarray(jax.device_get(decode(g.codec.variables, pad, y)), np.float32)[: len(chunk)])
     out[key] = np.concatenate(vols)
   out["seed"] = np.asarray(plan["seed"])
   return out
@@ -492,7 +494,8 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
     clock["sample"] += time.time() - t
     t = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-      x = np.asarray(jax.device_get(decode(codec.variables, z)), np.float32)[: len(rows)]
+      x = np.asarray(jax.device_get(decode(codec.variables, z, np.asarray(c[unet_lib.LABEL], np.int32))),
+                     np.float32)[: len(rows)]
     clock["decode"] += time.time() - t
     return x
 

@@ -16,7 +16,7 @@ def latents():
   return (template + rng.normal(0, 1, (64, 4, 5, 3, 3)) * spread).astype(np.float32)
 
 
-@pytest.mark.parametrize("mode", ldm.NORM_MODES)
+@pytest.mark.parametrize("mode", ["global", "per_channel", "per_element"])
 def test_modes_standardise_in_their_own_sense_and_invert(latents, mode, tmp_path):
   norm = ldm.LatentNorm.fit(latents, mode)
   x = norm.normalize(latents)
@@ -54,3 +54,27 @@ def test_old_ldm_json_reads_as_global_scale():
   np.testing.assert_allclose(norm.normalize(np.full((2, 2), 4.0)), 2.0)
   with pytest.raises(ValueError, match="standardize"):
     ldm.LatentNorm.fit(np.zeros((2, 2, 2)), "per_voxel")
+
+
+def test_per_label_element_centres_each_label_and_needs_labels(latents, tmp_path):
+  import jax.numpy as jnp
+  labels = np.arange(len(latents)) % 2
+  shifted = latents + labels[:, None, None, None, None] * 5.0    # label 1 sits 5 higher everywhere
+  norm = ldm.LatentNorm.fit(shifted, "per_label_element", labels=labels, num_labels=2)
+  x = norm.normalize(shifted, labels)
+  for k in (0, 1):
+    np.testing.assert_allclose(x[labels == k].mean(axis=0), 0.0, atol=1e-4)
+  # The pooled scale is the within-label spread: the 5-unit label gap does not inflate it.
+  np.testing.assert_allclose(norm.scale, ldm.LatentNorm.fit(latents, "per_element").scale, rtol=0.2)
+  # Zero decodes to each label's own mean, through numpy and inside jax alike.
+  zero = np.zeros((2,) + latents.shape[1:], np.float32)
+  back = norm.denormalize(zero, np.array([0, 1]))
+  np.testing.assert_allclose(back[1] - back[0], 5.0 + latents[1::2].mean(0) - latents[::2].mean(0), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(norm.denormalize(jnp.asarray(zero), jnp.array([0, 1]))), back, atol=1e-5)
+  np.testing.assert_allclose(norm.denormalize(x, labels), shifted, atol=1e-4)
+  loaded = ldm.LatentNorm.from_meta({"latent_norm": norm.save(str(tmp_path))}, str(tmp_path))
+  np.testing.assert_array_equal(loaded.label_shift, norm.label_shift)
+  with pytest.raises(ValueError, match="label"):
+    norm.normalize(shifted)
+  with pytest.raises(ValueError, match="no training latents"):
+    ldm.LatentNorm.fit(latents, "per_label_element", labels=np.zeros(len(latents), int), num_labels=2)

@@ -325,6 +325,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   if not os.path.exists(os.path.join(ldm_root, workdir_lib.LDM_META_FILE)):
     return {"skipped": f"no trained LDM in {ldm_root} (ldm.json missing)"}
   from synthmri_jax.training import checkpoint as ckpt_lib   # the LDM's modules only when there is one
+  from synthmri_jax.models import unet as unet_lib
   from synthmri_jax.training.tasks import ldm as ldm_lib
 
   meta = io.read_json(os.path.join(ldm_lib.ldm_dir(workdir), ldm_lib.META_FILE))
@@ -342,8 +343,9 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   params = ckpt_lib.eval_params(loaded)
   prediction_type = str(meta["ldm"]["diffusion"]["prediction_type"])
 
-  members = norm.normalize(np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32))
   member_cond = ldm_lib.split_attributes(prepared, "train", attributes)
+  members = norm.normalize(np.load(os.path.join(ldm_lib.latents_dir(workdir), "train.npy")).astype(np.float32),
+                           member_cond[unet_lib.LABEL])
   codec = codec if codec is not None else ldm_lib.tokenizer_codec(config, workdir)
   cache = os.path.join(workdir_lib.evaluation_dir(workdir), "privacy", f"{hold_split}_latents_{codec.key}.npy")
   if os.path.exists(cache):
@@ -357,8 +359,8 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
     if jax.process_index() == 0:
       with io.atomic_path(cache, suffix=".npy") as tmp:
         np.save(tmp, hold)
-  hold = norm.normalize(hold)
   hold_cond = ldm_lib.split_attributes(prepared, hold_split, attributes)
+  hold = norm.normalize(hold, hold_cond[unet_lib.LABEL])
   if int(m.max_members) > 0 and len(members) > int(m.max_members):
     pick = np.sort(np.random.default_rng(int(pc.seed)).choice(len(members), int(m.max_members), replace=False))
     members, member_cond = members[pick], {k: v[pick] for k, v in member_cond.items()}
@@ -435,7 +437,8 @@ def models_epsilon(workdir: str) -> dict[str, Any]:
   by = {m["model"]: m for m in models}
   generator = [by[k] for k in ("tokenizer", "ldm") if k in by]
   non_private_releases = [
-      "LDM latent standardisation (mean and std of the training latents, per channel or global)",
+      "LDM latent standardisation (mean and std of the training latents: global, per channel, per element or "
+      "per label and element)",
       "sample stage attribute model (per-label label / sex frequencies and age KDE or normal fit on the training split)",
   ]
   if generator and all(m["private"] for m in generator) and len(generator) == 2:

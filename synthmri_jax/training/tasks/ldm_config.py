@@ -37,7 +37,7 @@ def ldm_config(profile: str = "gpu") -> ml_collections.ConfigDict:
                                      # space, as in Rombach et al.'s VQ-regularised LDM); decoding snaps to codes
   la.encode_batch_size = 0           # volumes per encoding batch; 0: config.data.batch_size
   la.splits = "train,val"            # encoded once and cached; val only feeds the eval loss
-  la.standardize = "per_element" if quick else "global"   # 'global' | 'per_channel' | 'per_element' (ldm.LatentNorm)
+  la.standardize = "per_label_element" if quick else "global"   # global | per_channel | per_element | per_label_element (ldm.LatentNorm)
   la.std_floor = 0.1                 # per_element: each element's std floored at this x its channel's median element std
 
   # ------------------------------------------------------------ diffusion
