@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.num_subjects = 400                           # test split 60 subjects: AUC intervals about +-0.1
   # Tokenizer: a continuous autoencoder sized for the 40x48x40 grid. Measured on the same cohort and
   # budget (BENCHMARKS.md "Quickstart levers"): the dual tokenizer's null path kept 0.79 of the AD-CN
-  # ventricle effect and decoded blobs; a VQ-VAE with these layers 0.67; this one 0.87 (200 steps).
+  # ventricle effect and decoded blobs; a VQ-VAE with these layers 0.67; this one 0.87 at 200 steps,
+  # 0.80 [0.69, 0.91] at the 160 used here (README).
   t = c.tokenizer
   t.variant = "vqvae"
   t.generative.quantize = False                  # no codebook: the VQ bottleneck blurred the ventricles
