@@ -14,7 +14,7 @@ import warnings
 # XLA:CPU's default YNNPACK fusions turn the attention softmax backward (2 x 2016 x 2016)
 # into a 75-320 ms op per attention layer; limiting YNNPACK to single dots / convolutions /
 # elementwise ops removes that and gave the LDM U-Net train step 1.1-1.25 -> 1.7 samples/s
-# on the 2-core CPU (../shared/PERF-NOTES.md). tools/bench_conv.py --compare-flags
+# on the 2-core CPU (BENCHMARKS.md, optimisations table). tools/bench_conv.py --compare-flags
 # measures its effect on the conv formulations of synthmri_jax.models.conv.
 YNN_FLAG_NAME = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_FLAG = YNN_FLAG_NAME + "=individual_dot,individual_convolution,eltwise"
