@@ -28,12 +28,18 @@ HLO = """HloModule jit_f, is_scheduled=true
   %param_0.3 = f32[4,8]{1,0} parameter(0)
   ROOT %tanh.1 = f32[4,8]{1,0} tanh(%param_0.3), metadata={op_name="jit(f)/jvp()/tanh"}
 }
+%fused_computation.4 (param_0.4: f32[4,8], param_1.4: f32[8,8]) -> f32[4,8] {
+  %param_0.4 = f32[4,8]{1,0} parameter(0)
+  %param_1.4 = f32[8,8]{1,0} parameter(1)
+  ROOT %dot.4 = f32[4,8]{1,0} dot(%param_0.4, %param_1.4), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/jvp()/dot_general"}
+}
 ENTRY %main (x: f32[4,8], w: f32[8,8], k: f32[3,3,8,8]) -> f32[4,8] {
   %x = f32[4,8]{1,0} parameter(0), metadata={op_name="x"}
   %w = f32[8,8]{1,0} parameter(1), metadata={op_name="w"}
   %conv.7 = f32[1,4,8,8]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/jvp()/conv_general_dilated"}
   %ynn_fusion = f32[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation
   %transpose_copy_fusion = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation.2
+  %absorbed_fusion = f32[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.4, metadata={op_name="jit(f)/transpose(jvp())/add_any"}
   ROOT %loop_fusion = f32[4,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation.3
 }
 """
@@ -42,6 +48,7 @@ ENTRY %main (x: f32[4,8], w: f32[8,8], k: f32[3,3,8,8]) -> f32[4,8] {
 def test_classify_known_hlo():
   instrs = xp.parse_hlo(HLO)
   assert xp.classify("ynn_fusion", instrs) == ("dot", "bwd")           # from the called dot's metadata
+  assert xp.classify("absorbed_fusion", instrs) == ("dot", "fwd")       # the dot's pass, not the fusion's name
   assert xp.classify("transpose_copy_fusion", instrs) == ("layout copy", "?")
   assert xp.classify("loop_fusion", instrs) == ("elementwise+reduce", "?")
   assert xp.classify("conv.7", instrs) == ("convolution", "fwd")

@@ -81,7 +81,9 @@ def classify(name: str, instrs: dict[str, dict[str, Any]]) -> tuple[str, str]:
   if kind == "fusion" and ins["calls"]:
     inner = _members(instrs).get(ins["calls"], [])
     opcodes = {i["opcode"] for i in inner}
-    op_names += [i["op_name"] for i in inner if i["opcode"] in ("convolution", "dot")]
+    heavy = [i["op_name"] for i in inner if i["opcode"] in ("convolution", "dot") and i["op_name"]]
+    if heavy:       # the pass is the heavy op's: a fusion may carry the name of a bwd op it absorbed
+      op_names = heavy
     if "convolution" in opcodes:
       kind = "convolution"
     elif "dot" in opcodes:
