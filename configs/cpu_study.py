@@ -22,4 +22,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.num_subjects = 192
   c.classifier.train.steps = 400
   c.evaluate.seeds = 2
+  c.evaluate.arms = "TRTR,TSTR,AUG,CODEC"   # CODEC: the TSTR this decoder allows (real train scans, encoded -> decoded)
   return c

@@ -347,6 +347,10 @@ def _answers(config, inp: Inputs, figs: Figures) -> Section:
       k = "AUG" if "AUG" in arms else sorted(k for k in arms if k.startswith("AUG"))[-1]
       a = arms[k]["seed_mean_scores"]
       rows.append([f"{k} (real + synthetic)", fmt_ci(a.get("auc"), a.get("ci_low"), a.get("ci_high"))])
+    if "CODEC" in arms:
+      c = arms["CODEC"]["seed_mean_scores"]
+      rows.append(["CODEC (trained on real train scans encoded → decoded: the TSTR ceiling of this decoder)",
+                   fmt_ci(c.get("auc"), c.get("ci_low"), c.get("ci_high"))])
     sec.add(f"**Useful?** {'Yes' if useful else 'Not shown'}: a classifier trained only on the synthetic scans "
             + ("separates the classes on real scans better than chance (TSTR interval above 0.5)." if useful
                else "does not separate the classes on real scans better than chance at 95 % (TSTR interval holds 0.5)."))
@@ -656,7 +660,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
 
   The evaluate stage's ingested cache (on the prepared grid and intensity scale) when it exists;
   otherwise the sample stage's NIfTI files, which it writes on the prepared grid already."""
-  cache = os.path.join(inp.workdir, "evaluation", "synthetic_cache")
+  cache = W.synthetic_cache_dir(inp.workdir)
   if config is not None and os.path.isdir(cache):
     try:
       from synthmri_jax.evaluation.stage import load_synthetic
@@ -673,7 +677,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
   seq = prepared.channels[0]
   out = []
   for pid in t[t["label"] == label]["participant_id"].head(n):
-    path = os.path.join(inp.workdir, "synthetic", pid, "anat", f"{pid}_{seq}.nii.gz")
+    path = os.path.join(W.synthetic_dir(inp.workdir), pid, "anat", f"{pid}_{seq}.nii.gz")
     if os.path.isfile(path):
       out.append(np.asarray(nifti.load_canonical(path)[0], np.float32))
   return out, "synthetic/ NIfTI files"
@@ -820,7 +824,8 @@ def _classification_section(inp: Inputs, figs: Figures) -> Section:
     a = arms[name]
     ps = (a.get("per_seed") or [{}])[0]
     e = a.get("seed_mean_scores", {})
-    rows.append([name, str(ps.get("n_train_real", "n/a")), str(ps.get("n_train_synthetic", "n/a")), str(a.get("n_seeds")),
+    n_syn = f"{ps['n_train_codec']} real, encoded → decoded" if "n_train_codec" in ps else str(ps.get("n_train_synthetic", "n/a"))
+    rows.append([name, str(ps.get("n_train_real", "n/a")), n_syn, str(a.get("n_seeds")),
                  fmt_mean_sd(a.get("auc_over_seeds")), fmt_ci(e.get("auc"), e.get("ci_low"), e.get("ci_high"))])
   sec.add(Table(["arm", "train: real scans", "train: synthetic scans", "seeds", "AUC mean ± SD over seeds",
                  f"AUC of seed-mean scores [{level} CI]"], rows, "ROC-AUC per training arm (real test split)"))
@@ -834,15 +839,18 @@ def _classification_section(inp: Inputs, figs: Figures) -> Section:
     sec.add(Table(["comparison", "ΔAUC per seed (mean ± SD)", f"ΔAUC seed-mean scores [{level} CI]", "p (paired)"],
                   rows, "Paired ΔAUC on the same test subjects (negative: the first arm is worse)"))
   r = cls.get("tstr_trtr_ratio", {})
-  ref = ev.get("seed_reference", {})
   if "value" in r:
-    e = r.get("seed_mean_scores", {})
-    sec.add(Table(["quantity", "this run", "seeds' reference"],
-                  [["TSTR / TRTR AUC ratio (means over seeds)", fmt(r["value"]),
-                    f"{fmt(ref.get('tstr_auc'))} / {fmt(ref.get('trtr_auc'))} = {fmt(ref.get('ratio'))}"],
-                   ["TSTR / TRTR AUC ratio (seed-mean scores)", fmt_ci(e.get("value"), e.get("ci_low"), e.get("ci_high")),
-                    str(ref.get("source", ""))]],
-                  "How much of the real-data AUC a classifier trained on synthetic data alone keeps (1 = all)"))
+    rows = []
+    for arm, what in (("tstr", "TSTR"), ("codec", "CODEC")):
+      q = cls.get(f"{arm}_trtr_ratio", {})
+      if "value" in q:
+        e = q.get("seed_mean_scores", {})
+        rows += [[f"{what} / TRTR AUC ratio (means over seeds)", fmt(q["value"])],
+                 [f"{what} / TRTR AUC ratio (seed-mean scores)", fmt_ci(e.get("value"), e.get("ci_low"), e.get("ci_high"))]]
+    sec.add(Table(["quantity", "this run"], rows,
+                  "How much of the real-data AUC a classifier trained on synthetic data alone keeps (1 = all)"
+                  + ("; CODEC: trained on the real train scans after encode → decode, the TSTR a perfect LDM "
+                     "could reach through this decoder" if "codec_trtr_ratio" in cls else "")))
   elif r.get("skipped"):
     sec.add(f"TSTR / TRTR ratio: skipped ({r['skipped']}).")
   seg = ev.get("segmentation", {})

@@ -18,6 +18,8 @@ EVALUATION_FILE = "evaluation.json"
 CLASSIFY_FILE = "classify.json"
 PRIVACY_FILE = "privacy.json"
 ANATOMY_FILE = "anatomy.json"
+CODEC_COHORT_DIR = "codec_round_trip"   # under evaluation/: the CODEC arm's encode -> decode real train scans
+SYNTHETIC_CACHE_DIR = "synthetic_cache"
 
 
 def _abs(workdir: str, *parts: str) -> str:
@@ -42,3 +44,11 @@ def synthetic_dir(workdir: str) -> str:
 
 def evaluation_dir(workdir: str) -> str:
   return _abs(workdir, "evaluation")
+
+
+def codec_cohort_dir(workdir: str) -> str:
+  return _abs(workdir, "evaluation", CODEC_COHORT_DIR)
+
+
+def synthetic_cache_dir(workdir: str) -> str:
+  return _abs(workdir, "evaluation", SYNTHETIC_CACHE_DIR)

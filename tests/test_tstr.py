@@ -14,7 +14,7 @@ import pytest
 from synthmri_jax.data import loader, nifti, prepare
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation import config as config_lib
-from synthmri_jax.evaluation import stage, tstr
+from synthmri_jax.evaluation import codec_check, stage, tstr
 from synthmri_jax.evaluation.synthetic_cohort import (SyntheticCohortError, load_synthetic_cohort,
                                                       write_cohort_folder)
 
@@ -182,6 +182,48 @@ def test_rerun_skips_finished_runs_and_user_extractor(copy_study, tmp_path):
   config.evaluate.feature_weights = str(bad)
   with pytest.raises(tstr.FeatureWeightsError, match="weights.msgpack"):
     stage.run_evaluate(config, workdir)
+
+
+class _Codec:
+  """A stand-in LatentCodec: `decode(encode(x))` is x (identity), or one fixed scan for every scan."""
+
+  def __init__(self, template: np.ndarray | None):
+    self.variables, self.template = {}, template
+
+  def encode(self, v, x):
+    return x
+
+  def decode(self, v, z):
+    return z if self.template is None else jax.numpy.broadcast_to(self.template, z.shape)
+
+
+@pytest.mark.slow
+def test_codec_arm_trains_on_the_round_trips(copy_study, tmp_path):
+  """Through a perfect codec the CODEC arm is TRTR again; another codec's round trips retrain it
+  (its run key holds the round-trip cohort's hash) while TRTR is reused."""
+  config, workdir, first = copy_study
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.evaluate.arms = "TSTR,CODEC"
+  real = load_prepared(workdir)
+  one_scan = loader.CohortSource(real, "train")[0]["image"]
+  syn = stage.load_synthetic(config, workdir)
+  keys, aucs = [], []
+  for template in (None, one_scan):
+    cohort = codec_check.round_trip_cohort(_Codec(template), real, "train", str(tmp_path / "rt"),
+                                           str(tmp_path / "cache"), log=lambda m: None)
+    assert len(cohort) == len(real.split("train"))
+    assert cohort.table["label"].tolist() == real.split("train")["label"].tolist()
+    cls = tstr.Study(config, workdir, syn, codec_cohort=cohort).run()["classification"]
+    assert cls["arms"]["CODEC"]["per_seed"][0]["n_train_codec"] == len(cohort)
+    assert cls["arms"]["CODEC"]["per_seed"][0]["n_train_real"] == 0
+    assert "CODEC-TRTR" in cls["comparisons"] and "value" in cls["codec_trtr_ratio"]
+    assert cls["arms"]["TRTR"]["per_seed"] == first["classification"]["arms"]["TRTR"]["per_seed"]   # reused
+    with open(os.path.join(workdir, "evaluation", "runs", "CODEC", "seed0", "result.json")) as f:
+      keys.append(json.load(f)["key"])
+    aucs.append(cls["arms"]["CODEC"]["auc_over_seeds"]["mean"])
+  trtr = first["classification"]["arms"]["TRTR"]["auc_over_seeds"]["mean"]
+  assert abs(aucs[0] - trtr) < 0.1, (aucs, trtr)     # the identity codec: the real train scans again
+  assert keys[0] != keys[1]                          # one scan for all: a different training set, retrained
 
 
 @pytest.mark.slow

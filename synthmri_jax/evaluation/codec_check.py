@@ -12,6 +12,8 @@ The effect counts as preserved when the ratio is within `tolerance` (25 %) of 1.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -21,6 +23,7 @@ import numpy as np
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort
 from synthmri_jax.evaluation import anatomy
+from synthmri_jax.evaluation import synthetic_cohort
 
 FILE = "codec_check.json"
 
@@ -49,6 +52,27 @@ def round_trip(codec, prepared: PreparedCohort, splits: Sequence[str], batch_siz
     raise ValueError(f"splits {list(splits)} hold no scans to run the codec check on")
   return {"before": np.concatenate(before), "after": np.concatenate(after), "labels": np.concatenate(labels),
           "subjects": np.asarray(subjects)}
+
+
+def round_trip_cohort(codec, prepared: PreparedCohort, split: str, folder: str, cache_root: str, *,
+                      batch_size: int = 8, log: Callable[[str], None] = print) -> synthetic_cohort.SyntheticCohort:
+  """The `split` scans after encode -> decode, written as a cohort folder and ingested like a synthetic one.
+
+  The CODEC study arm trains on these: the same subjects and labels as TRTR, seen only through the
+  decoder, so its AUC is what TSTR could reach with a perfect LDM. The folder holds private
+  (reconstructed) scans: it stays in the workdir beside the prepared cache and is never released.
+  """
+  r = round_trip(codec, prepared, [split], batch_size, log)
+  rows = prepared.split(split)
+  tmp = folder + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  synthetic_cohort.write_cohort_folder(
+      tmp, list(r["after"]), [prepared.labels[int(k)] for k in r["labels"]], prepared.affine,
+      ages=rows["age"].to_numpy(float), sexes=rows["sex"].astype(str).tolist(), prefix="sub-codec")
+  shutil.rmtree(folder, ignore_errors=True)
+  os.replace(tmp, folder)
+  log(f"[evaluate] CODEC arm: {len(rows)} real '{split}' scans encoded -> decoded into {folder}")
+  return synthetic_cohort.load_synthetic_cohort(folder, prepared, cache_root)
 
 
 def check(before: np.ndarray, after: np.ndarray, labels: np.ndarray, affine: np.ndarray, label_names: Sequence[str],

@@ -66,7 +66,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   e.on_bad_file = "error"        # bad synthetic rows: "error" lists them all and stops; "skip" drops them
   e.num_workers = 2              # processes that preprocess the synthetic NIfTI files
   e.seeds = 2                    # training seeds per arm (run seed = config.seed + k)
-  e.arms = "TRTR,TSTR,AUG"       # AUG: real + synthetic at each real fraction
+  e.arms = "TRTR,TSTR,AUG"       # AUG: real + synthetic at each real fraction; CODEC: real train scans
+                                 # encoded -> decoded (the TSTR a perfect LDM could reach through this decoder)
   e.real_fractions = (0.01, 0.1, 1.0)   # of the real train split's subjects (stratified, >= 1 per class)
   e.real_only_baselines = True   # also train REAL_<f> (real subset alone) for each fraction < 1
   e.n_boot = 2000                # bootstrap resamples of the AUC / ΔAUC / Dice intervals

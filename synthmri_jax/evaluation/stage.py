@@ -18,6 +18,7 @@ from typing import Any
 
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation import clinical
+from synthmri_jax.evaluation import codec_check
 from synthmri_jax.evaluation import config as config_lib
 from synthmri_jax.evaluation import privacy
 from synthmri_jax.evaluation import privacy_config
@@ -42,14 +43,27 @@ def load_synthetic(config, workdir: str):
   ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
   workdir = os.path.abspath(workdir)
   return load_synthetic_cohort(
-      synthetic_dir(config, workdir), load_prepared(workdir), os.path.join(workdir_lib.evaluation_dir(workdir), "synthetic_cache"),
+      synthetic_dir(config, workdir), load_prepared(workdir), workdir_lib.synthetic_cache_dir(workdir),
       on_bad_file=str(ev.on_bad_file), num_workers=int(ev.num_workers))
+
+
+def codec_cohort(config, workdir: str):
+  """The CODEC arm's training set (real train scans through the sampler's decoding path), or None
+  when evaluate.arms has no CODEC."""
+  ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+  if not any(a.name == "CODEC" for a in tstr.plan_arms(ev)):
+    return None
+  from synthmri_jax.training.tasks import ldm as ldm_lib  # heavy; only with a CODEC arm
+
+  codec = ldm_lib.tokenizer_codec(config, workdir)
+  return codec_check.round_trip_cohort(codec, load_prepared(workdir), "train", workdir_lib.codec_cohort_dir(workdir),
+                                       workdir_lib.synthetic_cache_dir(workdir), batch_size=int(ev.batch_size))
 
 
 def run_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   synthetic = load_synthetic(config, workdir)
-  result = tstr.Study(config, workdir, synthetic).run()
+  result = tstr.Study(config, workdir, synthetic, codec_cohort=codec_cohort(config, workdir)).run()
   if bool(config_lib.block(config, "evaluate", config_lib.evaluate_config).anatomy.enabled):
     result = dict(result, anatomy=clinical.run(config, workdir, synthetic))
   if bool(privacy_config.block(config).enabled):

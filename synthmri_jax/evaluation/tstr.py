@@ -70,11 +70,8 @@ from synthmri_jax.utils.errors import UserInputError
 
 SCHEMA = "synthmri_jax.evaluation/1"
 RUN_VERSION = 1
-ARM_KINDS = ("TRTR", "TSTR", "AUG")
+ARM_KINDS = ("TRTR", "TSTR", "AUG", "CODEC")
 EXTRACTOR = "trtr_classifier"
-# The anchor the seeds report (seeds/000: ADNI, AD vs CN, LDM-generated cohort).
-SEED_REFERENCE = {"source": "seeds/000 (ADNI T1w, AD vs CN, latent diffusion)", "tstr_auc": 0.754,
-                  "trtr_auc": 0.810, "ratio": round(0.754 / 0.810, 3)}
 
 
 class FeatureWeightsError(UserInputError, ValueError):
@@ -89,6 +86,7 @@ class Arm:
   name: str
   real_fraction: float     # share of the real train split's subjects (0: none)
   synthetic: bool          # whether the synthetic cohort is in the training set
+  codec: bool = False      # trained on the real train split's codec round trips (the TSTR ceiling)
 
 
 def _fraction_name(f: float) -> str:
@@ -107,6 +105,8 @@ def plan_arms(ev) -> list[Arm]:
   arms = [Arm("TRTR", 1.0, False)]
   if "TSTR" in kinds:
     arms.append(Arm("TSTR", 0.0, True))
+  if "CODEC" in kinds:
+    arms.append(Arm("CODEC", 0.0, False, codec=True))
   if "AUG" in kinds:
     arms += [Arm(f"AUG_{_fraction_name(f)}", f, True) for f in fractions]
     if ev.real_only_baselines:
@@ -299,13 +299,14 @@ class Study:
   """Runs and summarises the study for one workdir (and one synthetic cohort, if given)."""
 
   def __init__(self, config, workdir: str, synthetic: SyntheticCohort | None = None,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, codec_cohort: SyntheticCohort | None = None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.cls = config_lib.block(config, "classifier", config_lib.classifier_config)
     self.ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
     self.real = load_prepared(self.workdir)
     self.synthetic = synthetic
+    self.codec_cohort = codec_cohort   # decode(encode(real train)): the CODEC arm's training set
     self.log = log or (lambda msg: print(msg, flush=True))
     self.labels = self.real.labels
     if bool(self.ev.compilation_cache):
@@ -342,7 +343,8 @@ class Study:
         k_: v for k_, v in self.cls.to_dict().items() if k_ != "segmenter"}
     return _digest({"version": RUN_VERSION, "kind": kind, "arm": dataclasses.asdict(arm), "seed_index": k,
                     "seed": self.base_seed + k, "model": block, "real": self.real.meta.get("config_hash"),
-                    "synthetic": self.synthetic.key if arm.synthetic and self.synthetic else None})
+                    "synthetic": self.synthetic.key if arm.synthetic and self.synthetic else None,
+                    **({"codec": self.codec_cohort.key if self.codec_cohort else None} if arm.codec else {})})
 
   def _claim(self, run_dir: str, key: str) -> None:
     """Makes run_dir this key's: a directory left by another config is wiped (its checkpoints would resume)."""
@@ -367,6 +369,12 @@ class Study:
       syn = self.synthetic.source()
       parts.append(Subset(syn, np.arange(len(syn)), keys))
       comp["n_synthetic"] = len(syn)
+    if arm.codec:
+      if self.codec_cohort is None:
+        raise ValueError(f"arm {arm.name} needs the codec round trips of the real train split")
+      rt = self.codec_cohort.source()
+      parts.append(Subset(rt, np.arange(len(rt)), keys))
+      comp["n_codec"] = len(rt)
     return Concat(parts), comp
 
   def classifier_task(self, arm: str = "", k: int = 0) -> ClassifierTask:
@@ -498,6 +506,8 @@ class Study:
     classification = {"arms": {n: self._arm_summary(by_name[n], r) for n, r in results.items()},
                       "comparisons": self._comparisons(arms, results)}
     classification["tstr_trtr_ratio"] = self._ratio(classification)
+    if "CODEC" in classification["arms"]:
+      classification["codec_trtr_ratio"] = self._ratio(classification, "CODEC")
     out = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -505,7 +515,6 @@ class Study:
         "synthetic": self.synthetic.summary(),
         "protocol": self._protocol(arms),
         "classification": classification,
-        "seed_reference": SEED_REFERENCE,
         "segmentation": self._segmentation(),
         "fidelity": self._fidelity(),
     }
@@ -551,6 +560,7 @@ class Study:
       auc = self._auc(np.asarray(r["test"]["probs"]))
       per_seed.append(dict(seed=r["seed"], n_train_real=r["train"]["n_real"],
                            n_train_synthetic=r["train"]["n_synthetic"],
+                           **({"n_train_codec": r["train"]["n_codec"]} if "n_codec" in r["train"] else {}),
                            **{k: auc[k] for k in ("auc", "ci_low", "ci_high", "se", "method", "n")}))
     ens = self._auc(self._mean_probs(results))
     return {"real_fraction": arm.real_fraction, "synthetic": arm.synthetic, "per_seed": per_seed,
@@ -573,8 +583,7 @@ class Study:
   def _comparisons(self, arms: list[Arm], results: dict[str, list]) -> dict[str, Any]:
     names = {a.name for a in arms}
     pairs = []
-    if "TSTR" in names:
-      pairs.append(("TSTR", "TRTR"))
+    pairs += [(a, "TRTR") for a in ("TSTR", "CODEC") if a in names]
     for a in arms:
       if a.name.startswith("AUG_"):
         base = f"REAL_{_fraction_name(a.real_fraction)}"
@@ -586,18 +595,17 @@ class Study:
       out[f"{a}-{b}"] = dict(self._paired(results[a], results[b]), a=a, b=b)
     return out
 
-  def _ratio(self, classification: dict[str, Any]) -> dict[str, Any]:
+  def _ratio(self, classification: dict[str, Any], arm: str = "TSTR") -> dict[str, Any]:
     arms = classification["arms"]
-    if "TSTR" not in arms:
-      return {"skipped": "no TSTR arm"}
-    t, r = arms["TSTR"]["auc_over_seeds"], arms["TRTR"]["auc_over_seeds"]
-    ens = classification["comparisons"]["TSTR-TRTR"]["seed_mean_scores"]
+    if arm not in arms:
+      return {"skipped": f"no {arm} arm"}
+    t, r = arms[arm]["auc_over_seeds"], arms["TRTR"]["auc_over_seeds"]
+    ens = classification["comparisons"][f"{arm}-TRTR"]["seed_mean_scores"]
     base = ens["auc_b"]
     return {"value": t["mean"] / r["mean"], "n_seeds": min(t["n"], r["n"]),
             "seed_mean_scores": {"value": ens["auc_a"] / base, "ci_low": 1 + ens["ci_low"] / base,
                                  "ci_high": 1 + ens["ci_high"] / base,
-                                 "method": "1 + ΔAUC interval / AUC_TRTR (TRTR AUC held fixed)"},
-            "seed_reference": SEED_REFERENCE["ratio"]}
+                                 "method": "1 + ΔAUC interval / AUC_TRTR (TRTR AUC held fixed)"}}
 
   def _seg_summary(self, results: list[dict[str, Any]]) -> dict[str, Any]:
     per_seed = []
@@ -789,7 +797,10 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{e['delta']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] p={e['p_value']:.3g}")
   r = cls.get("tstr_trtr_ratio", {})
   if "value" in r:
-    lines.append(f"TSTR / TRTR AUC ratio {r['value']:.3f} (seeds' anchor: 0.754 / 0.810 = {r['seed_reference']:.3f})")
+    lines.append(f"TSTR / TRTR AUC ratio {r['value']:.3f}")
+  r = cls.get("codec_trtr_ratio", {})
+  if "value" in r:
+    lines.append(f"CODEC / TRTR AUC ratio {r['value']:.3f} (the TSTR ceiling of this decoder)")
   seg = result.get("segmentation", {})
   if "skipped" in seg:
     lines.append(f"segmentation: skipped ({seg['skipped']})")
