@@ -65,7 +65,8 @@ def _write_jsons(workdir, prepared):
       "key": "s", "complete": True, "num_subjects": 6, "checkpoint_step": 4321, "sampler": "ddim", "steps": 50,
       "generated_this_run": 6, "seconds": 8.0, "sampling_s_per_volume": 0.25, "decoding_s_per_volume": 0.05})
   arms = {}
-  for arm, (real_n, syn_n, noise) in {"TRTR": (6, 0, 0.3), "TSTR": (0, 6, 0.6), "AUG_1": (6, 6, 0.4)}.items():
+  for arm, (real_n, syn_n, noise) in {"TRTR": (6, 0, 0.3), "TSTR": (0, 6, 0.6), "AUG_1": (6, 6, 0.4),
+                                      "CODEC": (0, 0, 0.4)}.items():
     for k in range(2):
       p1 = np.clip(y + rng.normal(0, noise, n), 0, 1) * 0.9 + 0.05
       probs = np.stack([1 - p1, p1], 1)
@@ -74,14 +75,15 @@ def _write_jsons(workdir, prepared):
                                                                                              "n_synthetic": syn_n},
           "steps": 10, "seconds": 1.0, "auc": {"auc": 0.7},
           "test": {"participant_id": test["participant_id"].tolist(), "label": y.tolist(), "probs": probs.tolist()}})
-    aucs = {"TRTR": [0.8123, 0.8234], "TSTR": [0.7001, 0.7102], "AUG_1": [0.8301, 0.8402]}[arm]
+    aucs = {"TRTR": [0.8123, 0.8234], "TSTR": [0.7001, 0.7102], "AUG_1": [0.8301, 0.8402],
+            "CODEC": [0.7801, 0.7902]}[arm]
     arms[arm] = {"real_fraction": 1.0, "synthetic": syn_n > 0,
                  "per_seed": [{"seed": k, "n_train_real": real_n, "n_train_synthetic": syn_n, "auc": a,
-                               "ci_low": a - 0.1, "ci_high": a + 0.05} for k, a in enumerate(aucs)],
+                               "ci_low": a - 0.1, "ci_high": a + 0.05, **({"n_train_codec": 6} if arm == "CODEC" else {})}
+                              for k, a in enumerate(aucs)],
                  "auc_over_seeds": _seed_summary(aucs),
                  "seed_mean_scores": {"auc": aucs[0] + 0.0011, "ci_low": 0.6111, "ci_high": 0.9222, "n_seeds": 2},
                  "n_seeds": 2}
-  ref = {"source": "seeds/000", "tstr_auc": 0.754, "trtr_auc": 0.810, "ratio": round(0.754 / 0.810, 3)}
   io.write_json_atomic(os.path.join(workdir, "evaluation", "evaluation.json"), {
       "schema": "synthmri_jax.evaluation/1",
       "real": {"n_train": 6, "n_test": n, "test_per_class": {"CN": 1, "AD": 1}, "labels": ["CN", "AD"]},
@@ -94,9 +96,10 @@ def _write_jsons(workdir, prepared):
                                         "seed_mean_scores": {"delta": -0.1133, "ci_low": -0.2544, "ci_high": 0.0155,
                                                              "p_value": 0.0789, "auc_a": 0.7012, "auc_b": 0.8134},
                                         "n_seeds": 2}},
-          "tstr_trtr_ratio": {"value": 0.8618, "n_seeds": 2, "seed_reference": ref["ratio"],
-                              "seed_mean_scores": {"value": 0.862, "ci_low": 0.7, "ci_high": 1.02}}},
-      "seed_reference": ref,
+          "tstr_trtr_ratio": {"value": 0.8618, "n_seeds": 2,
+                              "seed_mean_scores": {"value": 0.862, "ci_low": 0.7, "ci_high": 1.02}},
+          "codec_trtr_ratio": {"value": 0.9588, "n_seeds": 2,
+                               "seed_mean_scores": {"value": 0.9601, "ci_low": 0.8, "ci_high": 1.1}}},
       "segmentation": {"skipped": "the real cohort has no masks"},
       "fidelity": {"extractors": {"trtr_classifier": "penultimate features"},
                    "FD_trtr_classifier": {"real_test_vs_synthetic": {"value": 12.3456, "ci_low": 10.1, "ci_high": 15.2,
@@ -210,7 +213,8 @@ def test_numbers_come_from_the_stage_files(full_workdir):
             "0.818 ± 0.008 (n=2)",                      # TRTR mean ± SD over seeds
             "0.701 [0.611, 0.922]",                     # TSTR
             "-0.113 [-0.254, +0.015]", "0.0789",        # ΔAUC
-            "0.862", "0.754 / 0.810 = 0.931",           # ratio beside the seeds' reference
+            "0.862",                                    # TSTR / TRTR ratio
+            "0.781 [0.611, 0.922]", "6 real, encoded → decoded", "0.959", "0.960 [0.800, 1.100]",   # CODEC arm
             "12.35 [10.1, 15.2]", "3.21", "0.457 [0.400, 0.500]",   # FD, floor, MS-SSIM
             "sub-synth0003", "sub-04", "0.9876",        # copies, τ
             "1 of 6", "0.523 [0.300, 0.700]", "0.017",  # copies, MIA AUC, TPR@1%FPR
@@ -239,7 +243,7 @@ def test_html_is_self_contained(full_workdir):
   h = _read(os.path.join(workdir, "report.html"))
   assert h.count('src="data:image/png;base64,') == 5   # answer grid, two slice grids, ROC, one privacy pair
   assert "http" not in h.lower() and "<link" not in h and "<script" not in h
-  assert "<table>" in h and "0.754 / 0.810 = 0.931" in h
+  assert "<table>" in h and "0.862" in h and "0.754" not in h     # no external reference typed in
 
 
 def test_atomic_and_rerun_replaces_stale_figures(full_workdir):
