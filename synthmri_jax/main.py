@@ -39,12 +39,21 @@ def main(argv):
     # Library INFO logs (orbax's per-checkpoint lines, XLA backend probing) drown the progress
     # lines; --verbosity=0 brings them back.
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    stages_spec = config.stages
+  except (OSError, SyntaxError) as e:        # ml_collections defers a config file's load error to first use
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"FATAL config error: {'; '.join(lines)}\n{USAGE}")
   workdir = os.path.abspath(_WORKDIR.value)
   try:
-    names = stages_lib.parse_stages(config.stages)
+    names = stages_lib.parse_stages(stages_spec)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  try:
+    stages_lib.check_inputs(names, config, workdir)
+  except UserInputError as e:
+    sys.exit(f"FATAL: {e}")
   import jax  # after the XLA flags are set
 
   from synthmri_jax.training import distributed
@@ -70,14 +79,28 @@ def main(argv):
     print(f"[{i}/{len(names)}] stage {name} done in {dt:.1f} s", flush=True)
 
 
+USAGE = "usage: python -m synthmri_jax.main --config configs/quickstart.py --workdir DIR [--config.a.b=value ...]"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, but an unknown `--config.x.y` override is one clear line, not a traceback."""
+  """absl's parser, but every misuse (a missing flag, a bad value, an unknown `--config.x.y`, a
+  config file that does not load) is one clear line and the usage, not a traceback."""
+  path = next((a.split("=", 1)[1] if "=" in a else None for a in argv[1:] if a.split("=")[0] == "--config"), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if path and not os.path.isfile(path.split(":")[0]):
+    sys.exit(f"FATAL config error: {path}: no such config file\n{USAGE}")
   try:
     return flags.FLAGS(argv)
+  except SyntaxError as e:                   # in the user's config file: its line is the message
+    sys.exit(f"FATAL config error: {e.filename} line {e.lineno}: {e.msg}\n{USAGE}")
   except (KeyError, AttributeError) as e:
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     sys.exit(f"FATAL config error: unknown config key {e} (overrides given: {', '.join(overrides) or 'none'}); "
-             "see the config file for the fields that exist")
+             f"see the config file for the fields that exist\n{USAGE}")
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit("FATAL " + "; ".join(lines) + f"\n{USAGE}")
 
 
 def run():

@@ -282,7 +282,7 @@ class Inputs:
     j = lambda *p: self._json(os.path.join(workdir, *p))
     self.config = j(W.CONFIG_FILE)
     self.timings = j(W.TIMINGS_FILE)
-    self.prepared_meta = j("data", "prepared.json")
+    self.prepared_meta = j("data", W.PREPARED_META_FILE)
     self.tokenizer = j("tokenizer", W.TOKENIZER_METRICS_FILE)
     self.ldm = j("ldm", W.LDM_META_FILE)
     self.sample_state = j(W.SYNTHETIC_STATE_FILE)

@@ -10,6 +10,7 @@ import os
 
 CONFIG_FILE = "config.json"
 TIMINGS_FILE = "timings.json"
+PREPARED_META_FILE = "prepared.json"     # under data/
 TOKENIZER_METRICS_FILE = "tokenizer_metrics.json"
 LDM_META_FILE = "ldm.json"
 SYNTHETIC_DIR = "synthetic"
@@ -28,6 +29,14 @@ def _abs(workdir: str, *parts: str) -> str:
 
 def data_dir(workdir: str) -> str:
   return _abs(workdir, "data")
+
+
+def stage_output(workdir: str, stage: str) -> str | None:
+  """The file that shows `stage` has completed in workdir (None: a stage nothing later reads)."""
+  return {"prepare": os.path.join(data_dir(workdir), PREPARED_META_FILE),
+          "tokenizer": os.path.join(tokenizer_dir(workdir), TOKENIZER_METRICS_FILE),
+          "ldm": os.path.join(ldm_dir(workdir), LDM_META_FILE),
+          "sample": _abs(workdir, SYNTHETIC_STATE_FILE)}.get(stage)
 
 
 def tokenizer_dir(workdir: str) -> str:

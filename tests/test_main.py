@@ -1,4 +1,5 @@
-"""The entry point: bad config keys and stages are one clear error before any work starts."""
+"""The entry point: every misuse (flags, config keys and values, config files, stage order) is one
+clear error before any work starts, never a traceback."""
 
 import json
 import os
@@ -38,6 +39,47 @@ def test_unknown_or_unavailable_stage_is_an_error_before_any_work(tmp_path):
 def test_bad_value_type_is_a_flag_error(tmp_path):
   r = _main("--workdir", str(tmp_path / "run"), "--config.data.spacing_mm=abc")
   assert r.returncode != 0 and "could not convert string to float" in r.stderr
+  assert "Traceback" not in r.stderr and "usage:" in r.stderr
+
+
+def test_no_arguments_and_bad_config_files_print_the_usage(tmp_path):
+  bare = subprocess.run([sys.executable, "-m", "synthmri_jax.main"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n")
+  broken = subprocess.run([sys.executable, "-m", "synthmri_jax.main", "--config", str(bad), "--workdir",
+                           str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  absent = subprocess.run([sys.executable, "-m", "synthmri_jax.main", f"--config={tmp_path}/none.py", "--workdir",
+                           str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  for r, needle in ((bare, "--config must have a value"), (broken, f"{bad} line 1"), (absent, "no such config file")):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr and "usage: python -m synthmri_jax.main" in r.stderr, r.stderr
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stages,extra,missing,command", [
+    ("evaluate", (), "prepare", "prepare,tokenizer,ldm,sample,evaluate"),
+    ("sample,report", (), "prepare", "prepare,tokenizer,ldm,sample,report"),
+    ("evaluate", ("--config.evaluate.synthetic_dir=/elsewhere",), "prepare", "prepare,evaluate"),
+])
+def test_a_stage_without_its_inputs_names_the_stage_to_run(tmp_path, stages, extra, missing, command):
+  r = _main("--workdir", str(tmp_path / "run"), f"--config.stages={stages}", *extra)
+  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+  assert f"reads the '{missing}' stage's outputs" in r.stderr and f"--config.stages={command}" in r.stderr, r.stderr
+
+
+def test_check_inputs_accepts_completed_stages(tmp_path):
+  from synthmri_jax import stages, workdir as W
+  from synthmri_jax.utils.errors import UserInputError
+  import ml_collections
+  config = ml_collections.ConfigDict({"evaluate": {"synthetic_dir": ""}})
+  with pytest.raises(UserInputError, match="'tokenizer' stage"):
+    stages.check_inputs(["prepare", "ldm"], config, str(tmp_path))
+  stages.check_inputs(["prepare", "tokenizer", "ldm"], config, str(tmp_path))     # made in this run
+  for stage in ("prepare", "tokenizer", "ldm", "sample"):
+    os.makedirs(os.path.dirname(W.stage_output(str(tmp_path), stage)), exist_ok=True)
+    open(W.stage_output(str(tmp_path), stage), "w").close()
+  stages.check_inputs(["evaluate", "report"], config, str(tmp_path))               # made by an earlier run
 
 
 def test_bad_cohort_lists_every_problem_without_traceback(tmp_path):

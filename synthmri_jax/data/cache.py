@@ -23,13 +23,15 @@ import numpy as np
 import pandas as pd
 
 from synthmri_jax.utils import io
+from synthmri_jax.utils.errors import UserInputError
+from synthmri_jax.workdir import PREPARED_META_FILE, data_dir
 
 SPLITS = ("train", "val", "test", "holdout")
 TABLE_COLUMNS = ("participant_id", "session_id", "label", "label_index", "age", "sex", "split", "image", "mask")
 
 
-def data_dir(workdir: str) -> str:
-  return os.path.join(workdir, "data")
+class NotPreparedError(UserInputError, FileNotFoundError):
+  """The workdir has no complete prepared cohort (the `prepare` stage has not finished there)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,9 @@ class PreparedCohort:
 def load_prepared(workdir: str) -> PreparedCohort:
   """Opens WORKDIR/data; a clear error when `prepare` has not completed there."""
   root = data_dir(workdir)
-  meta = io.read_json(os.path.join(root, "prepared.json"))
+  meta = io.read_json(os.path.join(root, PREPARED_META_FILE))
   if not meta or not meta.get("complete"):
-    raise FileNotFoundError(f"{root}: no complete prepared cohort; run the 'prepare' stage first")
+    raise NotPreparedError(f"{root}: no complete prepared cohort; run the 'prepare' stage first")
   table = pd.read_csv(os.path.join(root, "cohort.tsv"), sep="\t", dtype={"participant_id": str, "session_id": str},
                       keep_default_na=False)
   return PreparedCohort(root=root, table=table, meta=meta)

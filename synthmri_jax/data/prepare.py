@@ -24,6 +24,7 @@ import numpy as np
 from synthmri_jax.utils.errors import UserInputError
 from synthmri_jax.data import cache, cohort, nifti
 from synthmri_jax.utils import io
+from synthmri_jax import workdir as workdir_lib
 
 # The config.data fields that decide what `prepare` writes; loader-only fields (batch size,
 # augmentation, shuffling, workers) may change freely without invalidating the cache.
@@ -158,7 +159,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   """Builds WORKDIR/data (see synthmri_jax.data.cache) and returns prepared.json's content."""
   t_start = time.time()
   d = config.data
-  root = cache.data_dir(workdir)
+  root = workdir_lib.data_dir(workdir)
   on_bad = str(d.on_bad_file)
   if on_bad not in ON_BAD_FILE:
     raise ValueError(f"data.on_bad_file={on_bad!r}; choose from {ON_BAD_FILE}")
@@ -172,7 +173,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   # The config is checked before the embedded cohort is (re)built, the table once it exists.
   prep = prepare_config(d)
-  meta_path = os.path.join(root, "prepared.json")
+  meta_path = os.path.join(root, workdir_lib.PREPARED_META_FILE)
   old_meta = io.read_json(meta_path)
   _check_not_stale(root, old_meta, prep, None)
   workers = int(d.get("num_workers", min(2, os.cpu_count() or 1)))

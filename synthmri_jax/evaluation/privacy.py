@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthmri_jax.data import loader
-from synthmri_jax.data.cache import SPLITS, PreparedCohort, data_dir, load_prepared
+from synthmri_jax.data.cache import SPLITS, PreparedCohort, load_prepared
 from synthmri_jax.evaluation import embedding as embedding_lib
 from synthmri_jax.evaluation import privacy_stats
 from synthmri_jax.evaluation.privacy_config import block as privacy_block
@@ -583,7 +583,7 @@ def _result_key(pc, workdir: str, vols: np.ndarray, ids: Sequence[str]) -> str:
   cohort, the LDM the membership attacks query (ldm.json) and every model's DP record. A rerun
   with the same key reuses the finished report; any change recomputes it."""
   from synthmri_jax.training.tasks import ldm as ldm_lib
-  prepared = io.read_json(os.path.join(data_dir(workdir), "prepared.json")) or {}
+  prepared = io.read_json(os.path.join(workdir_lib.data_dir(workdir), workdir_lib.PREPARED_META_FILE)) or {}
   ldm_meta = io.read_json(os.path.join(ldm_lib.ldm_dir(workdir), ldm_lib.META_FILE))
   h = hashlib.sha256(json.dumps({
       "privacy": pc.to_dict(), "ids": list(ids), "prepared": prepared.get("config_hash"),
