@@ -6,7 +6,6 @@ stages are errors before any work starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -20,16 +19,13 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from synthmri_jax import stages as stages_lib
+from synthmri_jax.workdir import config_hash
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (Python).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of this run.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def config_hash(config) -> str:
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
 def main(argv):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import shutil
 import time
@@ -52,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 import synthmri_jax
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.data import nifti
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample
@@ -273,11 +273,6 @@ class Generator:
 # ------------------------------------------------------------------------------ the stage
 
 
-def config_hash(config) -> str:
-  """The hash main.py records in WORKDIR/config.json (same formula)."""
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
-
-
 def retry_seed(seed: int, attempt: int) -> int:
   """The seed of a subject's `attempt`-th regeneration (reject_copies): a function of both only."""
   return int(np.random.SeedSequence([int(seed), int(attempt), 0x5EED]).generate_state(1)[0])
@@ -455,7 +450,7 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
 
   out_dir = os.path.join(workdir, OUT_DIR)
   state_path = os.path.join(workdir, STATE_FILE)
-  key = ldm_lib.config_digest({"sample": ldm_lib.plain_block(s), "ldm": meta["key"], "step": step, "codec": codec.key,
+  key = workdir_lib.fingerprint({"sample": ldm_lib.plain_block(s), "ldm": meta["key"], "step": step, "codec": codec.key,
                        "channels": prepared.channels, "affine": prepared.meta["affine"]})
   state = io.read_json(state_path) or {}
   is_main = jax.process_index() == 0
@@ -578,7 +573,7 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
             "Description": (f"conditional 3D latent DDPM, {what}, classifier-free guidance "
                             f"{float(s.guidance_scale):g}; decoded by the {codec.description}"),
             "CheckpointStep": int(step),
-            "ConfigHash": config_hash(config),
+            "ConfigHash": workdir_lib.config_hash(config),
         }],
     }
     io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"), description)

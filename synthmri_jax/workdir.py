@@ -6,7 +6,10 @@ through this module, so a rename happens in one place. Paths are absolute.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from typing import Any
 
 CONFIG_FILE = "config.json"
 TIMINGS_FILE = "timings.json"
@@ -21,6 +24,26 @@ PRIVACY_FILE = "privacy.json"
 ANATOMY_FILE = "anatomy.json"
 CODEC_COHORT_DIR = "codec_round_trip"   # under evaluation/: the CODEC arm's encode -> decode real train scans
 SYNTHETIC_CACHE_DIR = "synthetic_cache"
+
+
+def fingerprint(obj: Any, length: int = 12) -> str:
+  """The one content hash of the project: sha256 of obj's sorted-key JSON (a str is hashed as it is),
+  cut to `length` hex digits. Cache keys, run keys and config hashes are all this."""
+  blob = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def config_hash(config) -> str:
+  """The hash a run records in WORKDIR/config.json for a ConfigDict."""
+  return fingerprint(config.to_json(sort_keys=True))
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def _abs(workdir: str, *parts: str) -> str:

@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax import sampling
 from synthmri_jax.data import loader
 from synthmri_jax.diffusion.schedules import make_schedule
@@ -326,7 +327,7 @@ def test_synthetic_folder_is_bids_and_private(stage_run):
   assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
   gen = desc["GeneratedBy"][0]
   assert gen["Name"] == "synthmri_jax" and gen["Version"] and gen["CheckpointStep"] == 6
-  assert gen["ConfigHash"] == sampling.config_hash(stage_run["config"])
+  assert gen["ConfigHash"] == workdir_lib.config_hash(stage_run["config"])
   table = pd.read_csv(os.path.join(out, "participants.tsv"), sep="\t", dtype=str)
   assert list(table.columns) == ["participant_id", "label", "age", "sex", "seed"]
   assert table["participant_id"].tolist() == [f"sub-synth{i:04d}" for i in range(1, 11)]

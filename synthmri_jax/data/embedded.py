@@ -56,8 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -68,6 +66,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils import io
 
 # Bump when the simulation changes: it is part of the completeness hash, so old builds are redone.
@@ -157,8 +156,7 @@ class CohortSpec:
     return spec
 
   def hash(self) -> str:
-    blob = json.dumps(dict(dataclasses.asdict(self), generator=GENERATOR_VERSION), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return workdir_lib.fingerprint(dict(dataclasses.asdict(self), generator=GENERATOR_VERSION), 16)
 
 
 # ------------------------------------------------------------------------------ template

@@ -47,17 +47,8 @@ def prepare_config(data_config) -> dict[str, Any]:
   return out
 
 
-def config_hash(prep_config: dict[str, Any], table_sha256: str) -> str:
-  blob = json.dumps({"config": prep_config, "table": table_sha256}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+def cohort_key(prep_config: dict[str, Any], table_sha256: str) -> str:
+  return workdir_lib.fingerprint({"config": prep_config, "table": table_sha256})
 
 
 def _check_not_stale(root: str, meta: dict[str, Any] | None, prep: dict[str, Any], table_sha: str | None) -> None:
@@ -185,9 +176,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                                          map_fn=pool.progress_map("embedded subjects simulated"))
     table_path = os.path.abspath(table_path)
     df = cohort.read_cohort(table_path, sequences)
-    table_sha = _sha256(table_path)
+    table_sha = workdir_lib.file_sha256(table_path)
     _check_not_stale(root, old_meta, prep, table_sha)
-    key = config_hash(prep, table_sha)
+    key = cohort_key(prep, table_sha)
 
     # ---- validate everything before any work
     memo_path = os.path.join(root, "inspected.json")

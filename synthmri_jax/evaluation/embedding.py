@@ -22,7 +22,6 @@ saw private data and is an evaluation tool: it is never exported with the synthe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.evaluation import privacy_stats
@@ -226,7 +226,7 @@ def _key(enc_cfg, prepared: PreparedCohort) -> str:
           "cohort": prepared.meta.get("config_hash"), "shape": prepared.meta.get("shape"),
           "n": {s: int(len(prepared.split(s))) for s in ("train", "val", "test", "holdout")},
           "version": CACHE_VERSION}
-  return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  return workdir_lib.fingerprint(blob)
 
 
 class _Concat:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import glob
-import hashlib
-import json
 import multiprocessing
 import os
 import re
@@ -37,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.data import cohort, nifti, prepare
 from synthmri_jax.data.cache import PreparedCohort
 from synthmri_jax.data.loader import CohortSource
@@ -162,14 +161,6 @@ def resolve_table(table_path: str, sequences: Sequence[str]) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------ content hash
 
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def content_hash(table_path: str, files: Sequence[str], grid: dict[str, Any], memo: dict[str, Any]) -> str:
   """sha256 of the table, of every named file's bytes (by its path relative to the folder) and of
   the target grid. `memo` caches file digests by (size, mtime) across runs."""
@@ -183,10 +174,9 @@ def content_hash(table_path: str, files: Sequence[str], grid: dict[str, Any], me
     stamp = [int(st.st_size), int(st.st_mtime_ns)]
     hit = memo.get(path)
     if hit is None or hit[0] != stamp:
-      hit = memo[path] = [stamp, _file_sha256(path)]
+      hit = memo[path] = [stamp, workdir_lib.file_sha256(path)]
     entries.append([os.path.relpath(path, root), hit[1]])
-  blob = json.dumps({"files": entries, "grid": grid, "version": CACHE_VERSION}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+  return workdir_lib.fingerprint({"files": entries, "grid": grid, "version": CACHE_VERSION}, 16)
 
 
 # ------------------------------------------------------------------------------ the ingest

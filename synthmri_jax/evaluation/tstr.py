@@ -36,8 +36,6 @@ in the log.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -189,7 +187,7 @@ def _host(tree: Any) -> Any:
 
 
 def _digest(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return workdir_lib.fingerprint(obj, 16)
 
 
 def _train_block(train_cfg, mesh_cfg, seed: int) -> ml_collections.ConfigDict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import time
@@ -64,8 +63,6 @@ def ldm_dir(workdir: str) -> str:
   return workdir_lib.ldm_dir(workdir)
 
 
-def config_digest(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def plain_block(cfg: Any) -> Any:
@@ -118,7 +115,7 @@ def tokenizer_codec(config, workdir: str, clinical: Optional[str] = None) -> Lat
   def decode(v, z):
     return model.apply(v, z, clinical=clinical, method=model.decode_from_generative)
 
-  key = config_digest({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
+  key = workdir_lib.fingerprint({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
                "quantized": quantized})
   return LatentCodec(encode, decode, variables, key,
                      f"{metrics.get('variant')} tokenizer, stage {stage} step {max(steps) if steps else '?'}")
@@ -220,7 +217,7 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
   os.makedirs(out_dir, exist_ok=True)
   index_path = os.path.join(out_dir, "index.json")
   splits = _encode_splits(config, prepared)
-  key = config_digest({"codec": codec.key, "cohort": prepared.meta.get("config_hash"),
+  key = workdir_lib.fingerprint({"codec": codec.key, "cohort": prepared.meta.get("config_hash"),
                "latents": _latent_fields(config), "version": CACHE_VERSION})
   index = io.read_json(index_path) or {}
   is_main = jax.process_index() == 0
@@ -488,7 +485,7 @@ def build(ldm_cfg, out_channels: int, num_classes: int, attributes) -> tuple[une
 def _model_key(config, codec: LatentCodec, prepared: PreparedCohort) -> str:
   """What the checkpoints depend on (not train.steps: more steps resume the same run)."""
   blk = plain_block(config.ldm)
-  return config_digest({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": _latent_fields(config)} |
+  return workdir_lib.fingerprint({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": _latent_fields(config)} |
                {"codec": codec.key, "cohort": prepared.meta.get("config_hash"), "labels": prepared.labels})
 
 
@@ -510,7 +507,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   codec = codec if codec is not None else tokenizer_codec(config, workdir)
   tc = train_config(config)
   model_key = _model_key(config, codec, prepared)
-  key = config_digest({"model": model_key, "train": plain_block(tc.train), "batch": batch_size(config),
+  key = workdir_lib.fingerprint({"model": model_key, "train": plain_block(tc.train), "batch": batch_size(config),
                "shuffle_seed": int(config.data.shuffle_seed)})
   meta_path = os.path.join(out_dir, META_FILE)
   done = io.read_json(meta_path)

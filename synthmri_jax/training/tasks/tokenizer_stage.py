@@ -16,7 +16,6 @@ stage checkpoints. `load_tokenizer` gives the LDM stage the trained model and it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -74,11 +73,10 @@ def train_config(config, stage: str) -> ml_collections.ConfigDict:
 
 
 def _config_key(config, prepared) -> str:
-  blob = json.dumps({"tokenizer": json.loads(config.tokenizer.to_json(sort_keys=True)),
-                     "train": json.loads(config.train.to_json(sort_keys=True)) if "train" in config else None,
-                     "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape),
-                     "batch": _batch_size(config)}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+  return workdir_lib.fingerprint({
+      "tokenizer": json.loads(config.tokenizer.to_json(sort_keys=True)),
+      "train": json.loads(config.train.to_json(sort_keys=True)) if "train" in config else None,
+      "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": _batch_size(config)})
 
 
 def _batch_size(config) -> int:
