@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from synthmri_jax import workdir as W
-from synthmri_jax.utils import io
+from synthmri_jax.utils import durations, io
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -103,9 +103,7 @@ def fmt_seconds(x: Any) -> str:
   v = _num(x)
   if v is None:
     return "n/a"
-  h, rest = divmod(int(round(v)), 3600)
-  m, s = divmod(rest, 60)
-  return f"{v:.1f} s ({h:d}:{m:02d}:{s:02d})"
+  return f"{v:.1f} s ({durations.hms(v)})"
 
 
 # ------------------------------------------------------------------------------ document model

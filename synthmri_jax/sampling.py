@@ -60,6 +60,7 @@ from synthmri_jax.models import unet as unet_lib
 from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training.tasks import ldm as ldm_lib
+from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
@@ -284,11 +285,6 @@ def _pid(i: int, n: int) -> str:
 
 def _files(out_dir: str, pid: str, channels: Sequence[str]) -> list[str]:
   return [os.path.join(out_dir, pid, "anat", f"{pid}_{seq}.nii.gz") for seq in channels]
-
-
-def _fmt_time(s: float) -> str:
-  s = int(max(0.0, s))
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def plan_subjects(config, prepared, attributes, labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -551,7 +547,7 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
       io.write_json_atomic(state_path, state)
     steady = per_batch[1:] if len(per_batch) > 1 else per_batch
     eta = (n - done) * float(np.mean(steady))
-    log(f"sample: {done}/{n} subjects | {per_batch[-1]:.2f} s/volume | ETA {_fmt_time(eta)}")
+    log(f"sample: {done}/{n} subjects | {per_batch[-1]:.2f} s/volume | ETA {durations.short(eta)}")
     if on_progress is not None:
       on_progress(done, n)
 

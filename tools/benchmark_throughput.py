@@ -521,7 +521,7 @@ def markdown(report: dict) -> str:
   gpu = dev["gpu"]
   lines = [f"Device: {dev['description']}. Load average at start / end: "
            f"{report['machine']['loadavg_start'][0]:.1f} / {report['machine']['loadavg_end'][0]:.1f}.",
-           f"Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
            f"conv_impl={report['args']['conv_impl']}, batch {report['args']['batch']}, "
            f"{report['args']['rounds']} rounds x {report['args']['steps']} steps per framework.", "",

@@ -23,6 +23,7 @@ import numpy as np
 
 from synthmri_jax.utils.errors import UserInputError
 from synthmri_jax.data import cache, cohort, nifti
+from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 from synthmri_jax import workdir as workdir_lib
 
@@ -134,14 +135,7 @@ class _Progress:
     rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
     eta = (self.total - self.done) / rate if rate > 0 else float("inf")
     before = f" ({self.start_done} cached before)" if self.start_done else ""
-    print(f"prepare: {self.what} {self.done}/{self.total}{before} | {rate:.2f}/s | ETA {_fmt(eta)}", flush=True)
-
-
-def _fmt(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  m, s = divmod(int(round(seconds)), 60)
-  return f"{m}m{s:02d}s" if m else f"{s}s"
+    print(f"prepare: {self.what} {self.done}/{self.total}{before} | {rate:.2f}/s | ETA {durations.short(eta)}", flush=True)
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -244,7 +238,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   meta.update(complete=True, prepare_seconds=round(time.time() - t_start, 2))
   io.write_json_atomic(meta_path, meta)
   print(f"prepare: complete, {n_total} scans in {root} "
-        f"({', '.join(f'{k} {v}' for k, v in meta['splits'].items())}) in {_fmt(time.time() - t_start)}", flush=True)
+        f"({', '.join(f'{k} {v}' for k, v in meta['splits'].items())}) in {durations.short(time.time() - t_start)}", flush=True)
   return meta
 
 

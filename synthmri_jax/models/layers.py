@@ -40,6 +40,16 @@ def constrain_tokens(x: Array) -> Array:
   return constrain(x, TOKEN_AXES)
 
 
+
+def per_level(value: Any, levels: int, name: str) -> tuple:
+  """A model field given once for all resolution levels, or once per level, as one entry per level."""
+  if isinstance(value, (int, bool)):
+    return (value,) * levels
+  out = tuple(value)
+  if len(out) != levels:
+    raise ValueError(f"{name} needs one entry per level ({levels}), got {out}")
+  return out
+
 class GroupNorm(nn.GroupNorm):
   """flax GroupNorm (stats in f32) with MONAI's eps and 'norm'-annotated scale / bias."""
   num_groups: int | None = 32
@@ -147,7 +157,7 @@ class HeadProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    n_in, n_out = int(self.in_axes), len(self.features)
+    n_in = int(self.in_axes)
     in_shape = x.shape[-n_in:]
     fan_in = int(np.prod(in_shape))
     bound = 1.0 / np.sqrt(fan_in)

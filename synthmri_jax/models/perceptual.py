@@ -47,7 +47,6 @@ class FeatureNet3D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")   # He: keeps feature scale across depth
     feats = []
     h = x.astype(self.dtype)
     for i, c in enumerate(self.channels):

@@ -101,15 +101,6 @@ def sincos_3d(grid: Sequence[int], dim: int) -> np.ndarray:
   return out
 
 
-def per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int, ...]:
-  if isinstance(value, int):
-    return (int(value),) * levels
-  out = tuple(int(v) for v in value)
-  if len(out) != levels:
-    raise ValueError(f"{name} needs one entry per level ({levels}), got {out}")
-  return out
-
-
 def check_grid(shape: Sequence[int], levels: int, patch: int = 1) -> None:
   m = int(patch) * 2 ** (levels - 1)
   if any(int(s) % m for s in shape):
@@ -291,7 +282,7 @@ class VQVAE(nn.Module):
 
   def setup(self):
     L = len(self.channels)
-    nres = per_level(self.num_res_blocks, L, "num_res_blocks")
+    nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
               num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.encoder = EncoderStack(levels=tuple(range(L)), num_res_blocks=nres, **kw)
@@ -484,7 +475,7 @@ class DualTokenizer(nn.Module):
     if self.clinical_fusion not in ("cross_attention", "cross_attention+aligned"):
       raise ValueError(f"clinical.fusion must be 'cross_attention' or 'cross_attention+aligned', "
                        f"got {self.clinical_fusion!r}")
-    nres = per_level(self.num_res_blocks, L, "num_res_blocks")
+    nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
               num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.trunk = EncoderStack(levels=tuple(range(c + 1)), num_res_blocks=nres, **kw)
@@ -583,7 +574,7 @@ def build_tokenizer(tcfg: Any, in_channels: int) -> nn.Module:
   dtype = jnp.dtype(str(m.get("dtype", "float32")))
   vq = dict(tcfg.vq)
   common = dict(channels=tuple(int(c) for c in m.channels),
-                num_res_blocks=tuple(int(n) for n in per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
+                num_res_blocks=tuple(int(n) for n in layers.per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
                 attention_levels=tuple(int(a) for a in m.attention_levels), num_heads=int(m.num_heads),
                 norm_groups=int(m.norm_groups), out_channels=int(in_channels), patch_size=int(m.get("patch_size", 1)),
                 vq=vq, dtype=dtype)

@@ -348,15 +348,6 @@ class SpatialTransformer(nn.Module):
 # ------------------------------------------------------------------------------ the U-Net
 
 
-def _per_level(value: Any, levels: int, name: str) -> tuple:
-  if isinstance(value, (int, bool)):
-    return (value,) * levels
-  out = tuple(value)
-  if len(out) != levels:
-    raise ValueError(f"{name} needs one entry per level ({levels}), got {out}")
-  return out
-
-
 class DiffusionUNet(nn.Module):
   """Noise / velocity predictor eps(x_t, t, cond); see the module docstring.
 
@@ -388,9 +379,9 @@ class DiffusionUNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Cond | None = None) -> jax.Array:
     levels = len(self.channels)
-    blocks = _per_level(self.num_res_blocks, levels, "num_res_blocks")
-    attn = tuple(bool(a) for a in _per_level(self.attention_levels, levels, "attention_levels"))
-    head_ch = _per_level(self.num_head_channels, levels, "num_head_channels")
+    blocks = layers.per_level(self.num_res_blocks, levels, "num_res_blocks")
+    attn = tuple(bool(a) for a in layers.per_level(self.attention_levels, levels, "attention_levels"))
+    head_ch = layers.per_level(self.num_head_channels, levels, "num_head_channels")
     if self.with_conditioning and self.conditioning is None:
       raise ValueError("with_conditioning=True needs a `conditioning` (label / attributes)")
     b = x.shape[0]

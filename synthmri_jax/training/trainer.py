@@ -59,6 +59,7 @@ from synthmri_jax.training import optim
 from synthmri_jax.training import task as task_lib
 from synthmri_jax.sharding import unbox
 from synthmri_jax.training.state import TrainState
+from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 
 DP_FILE = "dp.json"   # WORKDIR/dp.json of a DP-SGD run: settings and epsilon spent
@@ -539,13 +540,6 @@ class SummaryWriter:
       self._w.close()
 
 
-def _fmt_time(s: float) -> str:
-  if not np.isfinite(s):
-    return "?"
-  s = int(s)
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _window_means(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
   """Means over the logged window, ignoring skipped steps (their metrics are NaN by definition)."""
   ok = [m for m in window if int(m["skipped"]) == 0]
@@ -715,7 +709,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
           writer.flush()
           eta = (total - step) / max(means["steps_per_s"], 1e-9)
           say(f"step {step}/{total} loss {means['loss']:.4g} grad_norm {means['grad_norm']:.3g} "
-              f"lr {means['lr']:.3g} | {means['steps_per_s']:.2f} steps/s ETA {_fmt_time(eta)}"
+              f"lr {means['lr']:.3g} | {means['steps_per_s']:.2f} steps/s ETA {durations.short(eta)}"
               + (f" | skipped {int(means['total_skips'])}" if means["total_skips"] else ""))
           if on_log is not None and is_main:
             on_log(step, means)
