@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.model.patch_size = 2                         # 2x2x2 voxels -> channels first: ~3x cheaper per step on CPU
   t.model.channels = (32, 64)
   t.model.num_res_blocks = (1, 1)
-  t.model.attention_levels = ()
+  t.model.attention_levels = (False, False)
   t.loss.perceptual = 0.0
   t.batch_size = 8
   t.stage_train.main.steps = 160

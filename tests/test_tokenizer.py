@@ -16,6 +16,7 @@ import pytest
 
 from synthmri_jax.evaluation import fidelity
 from synthmri_jax.models import perceptual as perc_lib
+from synthmri_jax.models import tokenizer as tok_models
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 from synthmri_jax.sharding import unbox
@@ -198,7 +199,7 @@ def test_continuous_patch_autoencoder_learns_and_has_no_codebook(volumes):
   c.model.patch_size = 2
   c.model.channels = (16, 32)
   c.model.num_res_blocks = (1, 1)
-  c.model.attention_levels = ()
+  c.model.attention_levels = (False,) * len(c.model.channels)
   c.generative.quantize = False
   c.loss.perceptual = 0.0
   task = T.VQVAETask(c, 1)
@@ -427,3 +428,22 @@ def test_stage_runner_trains_stages_and_skips(tmp_path):
   model, variables = tokenizer_stage.load_tokenizer(config, str(tmp_path))
   z = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_generative))(variables, jnp.asarray(blobs(1)))
   assert z.shape == (1, 4, 4, 4, 4)
+
+
+def test_attention_levels_are_one_bool_per_level_as_in_the_unet():
+  """The same convention as DiffusionUNet / MONAI: attention exactly where the mask says; level indices
+  (the old spelling) are refused rather than misread as a mask."""
+  assert tok_models.attention_mask(True, 3) == (True, True, True)
+  with pytest.raises(ValueError, match="level indices are not accepted"):
+    tok_models.attention_mask((0, 2, 1), 3)
+  with pytest.raises(ValueError, match="one entry per level"):
+    tok_models.attention_mask((2,), 3)
+
+  def attention_modules(mask):
+    m = tok_models.VQVAE(channels=(8, 16, 32), num_res_blocks=1, attention_levels=mask, norm_groups=4, num_heads=2,
+                code_dim=4, num_codes=8, quantize=False)
+    params = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))["params"]
+    return sorted(f"{part}/{k}" for part in ("encoder", "decoder") for k in params[part] if "attn" in k)
+
+  assert attention_modules((False, True, False)) == ["decoder/level1_attn", "encoder/level1_attn"]
+  assert attention_modules((False, False, True)) == ["decoder/mid_attn", "encoder/level2_attn"]

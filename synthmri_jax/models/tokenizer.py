@@ -101,6 +101,15 @@ def sincos_3d(grid: Sequence[int], dim: int) -> np.ndarray:
   return out
 
 
+def attention_mask(value: bool | Sequence[bool], levels: int) -> tuple[bool, ...]:
+  """attention_levels as one bool per level (MONAI's convention, as in the U-Net); one bool: every level."""
+  out = layers.per_level(value, levels, "attention_levels")
+  if not all(isinstance(a, (bool, np.bool_)) for a in out):
+    raise ValueError(f"attention_levels is one bool per level (e.g. {(False,) * (levels - 1) + (True,)}), "
+                     f"got {value!r}: level indices are not accepted")
+  return tuple(bool(a) for a in out)
+
+
 def check_grid(shape: Sequence[int], levels: int, patch: int = 1) -> None:
   m = int(patch) * 2 ** (levels - 1)
   if any(int(s) % m for s in shape):
@@ -151,7 +160,7 @@ class EncoderStack(nn.Module):
   channels: Sequence[int]
   levels: Sequence[int]
   num_res_blocks: Sequence[int]
-  attention_levels: Sequence[int]
+  attention_levels: Sequence[bool]     # one per level of `channels`
   num_heads: int
   norm_groups: int
   patch: int = 1
@@ -168,7 +177,7 @@ class EncoderStack(nn.Module):
       h = constrain(h, ACT_5D)
       for j in range(self.num_res_blocks[i]):
         h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}")
-      if i in self.attention_levels:
+      if self.attention_levels[i]:
         h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn")
     return h
 
@@ -198,7 +207,7 @@ class DecoderStack(nn.Module):
   top: int
   num_res_blocks: Sequence[int]
   mid_blocks: int
-  attention_levels: Sequence[int]
+  attention_levels: Sequence[bool]     # one per level of `channels`
   num_heads: int
   norm_groups: int
   out_channels: int
@@ -214,14 +223,14 @@ class DecoderStack(nn.Module):
       h = _resblock(h, c_top, self.norm_groups, self.dtype, f"mid_block{j}")
       if j == 0 and context is not None and self.fusion != "none":
         h = self._fuse(h, context)
-      if j == 0 and self.top in self.attention_levels:
+      if j == 0 and self.attention_levels[self.top]:
         h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, "mid_attn")
     for i in reversed(range(self.top)):
       c = self.channels[i]
       h = constrain(layers.Upsample(c, dtype=self.dtype, name=f"up_{i}")(h), ACT_5D)
       for j in range(self.num_res_blocks[i]):
         h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}")
-      if i in self.attention_levels:
+      if self.attention_levels[i]:
         h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn")
     feats = _norm_act(h, self.norm_groups, self.dtype, "norm_out")
     out = _conv(self.out_channels * self.patch ** 3, 3, self.dtype, "conv_out")(feats)
@@ -269,7 +278,7 @@ class VQVAE(nn.Module):
   """
   channels: Sequence[int] = (16, 32, 64)
   num_res_blocks: Sequence[int] | int = 1
-  attention_levels: Sequence[int] = (2,)
+  attention_levels: Sequence[bool] | bool = (False, False, True)
   num_heads: int = 4
   norm_groups: int = 8
   out_channels: int = 1
@@ -283,7 +292,7 @@ class VQVAE(nn.Module):
   def setup(self):
     L = len(self.channels)
     nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
-    kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
+    kw = dict(channels=tuple(self.channels), attention_levels=attention_mask(self.attention_levels, L),
               num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.encoder = EncoderStack(levels=tuple(range(L)), num_res_blocks=nres, **kw)
     self.quant_head = LatentHead(self.code_dim, self.norm_groups, self.dtype)
@@ -449,7 +458,7 @@ class DualTokenizer(nn.Module):
   """BrainG3N's dual-codebook tokenizer (see the module docstring for the design)."""
   channels: Sequence[int] = (16, 32, 64)
   num_res_blocks: Sequence[int] | int = 1
-  attention_levels: Sequence[int] = (2,)
+  attention_levels: Sequence[bool] | bool = (False, False, True)
   num_heads: int = 4
   norm_groups: int = 8
   out_channels: int = 1
@@ -476,14 +485,14 @@ class DualTokenizer(nn.Module):
       raise ValueError(f"clinical.fusion must be 'cross_attention' or 'cross_attention+aligned', "
                        f"got {self.clinical_fusion!r}")
     nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
-    kw = dict(channels=tuple(self.channels), attention_levels=tuple(self.attention_levels),
+    kw = dict(channels=tuple(self.channels), attention_levels=attention_mask(self.attention_levels, L),
               num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
     self.trunk = EncoderStack(levels=tuple(range(c + 1)), num_res_blocks=nres, **kw)
     self.clinical_quant_head = LatentHead(self.clinical_dim, self.norm_groups, self.dtype)
     self.clinical_vq = _quantizer(self.clinical_codes, self.clinical_dim, self.vq, "clinical_vq")
     self.clinical_head = DecoderStack(top=c, num_res_blocks=(0,) * L, mid_blocks=self.clinical_head_blocks,
                                       out_channels=self.out_channels,
-                                      **{**kw, "attention_levels": ()})
+                                      **{**kw, "attention_levels": (False,) * L})
     self.generative_encoder = EncoderStack(levels=tuple(range(c + 1, g + 1)), num_res_blocks=nres, **kw)
     self.generative_quant_head = LatentHead(self.generative_dim, self.norm_groups, self.dtype)
     self.generative_vq = _quantizer(self.generative_codes, self.generative_dim, self.vq, "generative_vq")
@@ -575,7 +584,7 @@ def build_tokenizer(tcfg: Any, in_channels: int) -> nn.Module:
   vq = dict(tcfg.vq)
   common = dict(channels=tuple(int(c) for c in m.channels),
                 num_res_blocks=tuple(int(n) for n in layers.per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
-                attention_levels=tuple(int(a) for a in m.attention_levels), num_heads=int(m.num_heads),
+                attention_levels=attention_mask(m.attention_levels, len(m.channels)), num_heads=int(m.num_heads),
                 norm_groups=int(m.norm_groups), out_channels=int(in_channels), patch_size=int(m.get("patch_size", 1)),
                 vq=vq, dtype=dtype)
   variant = str(tcfg.variant)

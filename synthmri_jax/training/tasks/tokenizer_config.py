@@ -40,7 +40,8 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   a.patch_size = 1                   # >1: fold patch^3 voxels into channels first (level i at 1/(patch 2^i))
   a.channels = (16, 32, 64) if quick else (64, 128, 256, 256)  # width per level; level i is at 1/2^i
   a.num_res_blocks = (0, 1, 1) if quick else (1, 2, 2, 2)      # ResBlocks per level (encoder and decoder)
-  a.attention_levels = (2,) if quick else (3,)                 # self-attention at these levels (lowest by default)
+  a.attention_levels = (False, False, True) if quick else (False, False, False, True)  # self-attention, one bool
+                                     # per level (the lowest by default); one bool: every level
   a.num_heads = 4
   a.norm_groups = 8
   a.dtype = "float32"                # activation dtype of the convs ("bfloat16" on accelerators)
