@@ -83,7 +83,7 @@ def test_vqvae_same_parameters_and_outputs(monai_vqvae):
 
 def test_unet_same_parameters_and_outputs(monai_unet):
   from synthmri_jax.models.unet import DiffusionUNet
-  ours = DiffusionUNet(out_channels=3, num_head_channels=(0, 64, 64), norm_groups=32, with_conditioning=False, **UNET)
+  ours = DiffusionUNet(out_channels=3, num_head_channels=(0, 64, 64), norm_num_groups=32, with_conditioning=False, **UNET)
   x = np.random.default_rng(3).standard_normal((2, 8, 8, 8, 3)).astype(np.float32)
   t = np.array([10, 700], np.int32)
   variables = jax.eval_shape(ours.init, jax.random.key(0), jnp.asarray(x), jnp.asarray(t))

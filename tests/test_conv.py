@@ -251,18 +251,18 @@ def _perturb(variables, seed=3, scale=0.1):
 def test_resblock_identity_at_init_and_channel_change():
   x = _rand((2, 4, 3, 4, 8), 1)
   emb = _rand((2, 16), 2)
-  block = L.ResBlock3D(8, num_groups=4, impl="native")
+  block = L.ResBlock3D(8, num_groups=4, conv_impl="native")
   variables, y = _init_apply(block, x, emb)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # conv2 starts at zero, skip is identity
   assert "skip" not in variables["params"] and variables["params"]["time_emb_proj"]["kernel"].shape == (16, 8)
-  wider = L.ResBlock3D(12, num_groups=4, emb_mode="scale_shift", dropout=0.5, impl="native")
+  wider = L.ResBlock3D(12, num_groups=4, emb_mode="scale_shift", dropout=0.5, conv_impl="native")
   variables, y = _init_apply(wider, x, emb)
   assert y.shape == (2, 4, 3, 4, 12)
   p = variables["params"]
   assert p["skip"]["kernel"].shape == (1, 1, 1, 8, 12) and p["time_emb_proj"]["kernel"].shape == (16, 24)
   variables = _perturb(variables)
   apply = jax.jit(wider.apply)
-  outs = {"native": apply(variables, x, emb), "cpu": jax.jit(wider.clone(impl="cpu").apply)(variables, x, emb)}
+  outs = {"native": apply(variables, x, emb), "cpu": jax.jit(wider.clone(conv_impl="cpu").apply)(variables, x, emb)}
   assert _rel(outs["cpu"], outs["native"]) < 1e-5
   assert _rel(apply(variables, x, 2 * emb), outs["native"]) > 1e-3  # the embedding is used
   dropped = jax.jit(lambda v, x, e, r: wider.apply(v, x, e, deterministic=False, rngs={"dropout": r}))(
@@ -336,7 +336,7 @@ def test_cross_attention_uses_context_and_falls_back_to_self_attention():
 def test_spatial_transformer_identity_at_init_and_context_dependence():
   x = _rand((1, 2, 2, 3, 16), 1)
   ctx = _rand((1, 4, 8), 2)
-  block = L.SpatialTransformer3D(head_channels=8, num_groups=4, impl="native")
+  block = L.SpatialTransformer3D(head_channels=8, num_groups=4, conv_impl="native")
   variables, y = _init_apply(block, x, ctx)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # zero proj_out (MONAI)
   assert variables["params"]["block0"]["attn2"]["to_k"]["kernel"].shape == (8, 2, 8)
@@ -344,19 +344,19 @@ def test_spatial_transformer_identity_at_init_and_context_dependence():
   apply = jax.jit(block.apply)
   y = apply(variables, x, ctx)
   assert _rel(apply(variables, x, 2.0 * ctx), y) > 1e-4
-  assert _rel(jax.jit(block.clone(impl="cpu").apply)(variables, x, ctx), y) < 1e-5
+  assert _rel(jax.jit(block.clone(conv_impl="cpu").apply)(variables, x, ctx), y) < 1e-5
 
 
 def test_down_and_upsample():
   x = _rand((2, 6, 4, 5, 8), 1)
-  down = L.Downsample(12, impl="native")
+  down = L.Downsample(12, conv_impl="native")
   variables, y = _init_apply(down, x)
   assert y.shape == (2, 3, 2, 3, 12)
   k, b = variables["params"]["conv"]["kernel"], variables["params"]["conv"]["bias"]
   y_ref, _, _ = np_conv(np.asarray(x, np.float64), np.asarray(k, np.float64), (2, 2, 2), [(1, 1)] * 3, None)
   assert _rel(y, y_ref + np.asarray(b)) < 1e-5
   assert L.Downsample(use_conv=False).apply({}, x[:, :, :, :4]).shape == (2, 3, 2, 2, 8)
-  up = L.Upsample(4, impl="native")
+  up = L.Upsample(4, conv_impl="native")
   variables, y = _init_apply(up, x)
   k, b = variables["params"]["conv"]["kernel"], variables["params"]["conv"]["bias"]
   y_ref, _, _ = np_upsample_conv(np.asarray(x, np.float64), np.asarray(k, np.float64), 2, [(1, 1)] * 3, None)

@@ -59,7 +59,7 @@ def toy_cohort(n: int, seed: int = 0):
 def tiny_model(attributes, channels=(16, 32), attention=(False, True)) -> U.DiffusionUNet:
   cond = U.Conditioning(num_classes=2, attributes=tuple(attributes), token_dim=32, fourier_features=6)
   return U.DiffusionUNet(out_channels=LATENT[-1], channels=channels, num_res_blocks=1, attention_levels=attention,
-                         num_head_channels=8, norm_groups=8, conditioning=cond)
+                         num_head_channels=8, norm_num_groups=8, conditioning=cond)
 
 
 def train_cfg(**kw):
@@ -199,7 +199,7 @@ def tiny_ldm_config() -> ml_collections.ConfigDict:
   c.model.channels = (8,)
   c.model.attention_levels = (True,)
   c.model.num_head_channels = 8
-  c.model.norm_groups = 4
+  c.model.norm_num_groups = 4
   c.cond.token_dim = 16
   c.batch_size = 8
   return c

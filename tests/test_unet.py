@@ -18,7 +18,7 @@ COND = U.Conditioning(num_classes=2, attributes=(U.Attribute("age", "continuous"
 
 def tiny(**kw) -> U.DiffusionUNet:
   kw = {"channels": (8, 16), "attention_levels": (False, True), **kw}
-  return U.DiffusionUNet(out_channels=2, num_res_blocks=1, num_head_channels=8, norm_groups=4, conditioning=COND, **kw)
+  return U.DiffusionUNet(out_channels=2, num_res_blocks=1, num_head_channels=8, norm_num_groups=4, conditioning=COND, **kw)
 
 
 def cond(label, age, sex):
@@ -159,7 +159,7 @@ def test_monai_benchmark_config_matches_parameter_count():
   # The benchmark model: DiffusionModelUNet(3D, 3->3 ch, channels 32/64/64, 1 res block, attention
   # at levels 2-3) -- 2.97 M parameters in PERF-NOTES.
   m = U.DiffusionUNet(out_channels=3, channels=(32, 64, 64), num_res_blocks=1, attention_levels=(False, True, True),
-                      num_head_channels=8, norm_groups=32, with_conditioning=False)
+                      num_head_channels=8, norm_num_groups=32, with_conditioning=False)
   shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)), jnp.zeros((1,), jnp.int32))
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(unbox(shapes)))
   assert n == _monai_param_count(3, 3, (32, 64, 64), 1, (False, True, True)) == 2_974_051

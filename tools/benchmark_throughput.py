@@ -261,7 +261,7 @@ def jax_model(model_name: str, dtype: str, conv_impl: str):
   if model_name == "unet":
     from synthmri_jax.models.unet import DiffusionUNet
     return DiffusionUNet(out_channels=3, channels=(32, 64, 64), num_res_blocks=1, attention_levels=(False, True, True),
-                         num_head_channels=(0, 64, 64), norm_groups=32, with_conditioning=False, conditioning=None,
+                         num_head_channels=(0, 64, 64), norm_num_groups=32, with_conditioning=False, conditioning=None,
                          dtype=dt, conv_impl=conv_impl)
   from synthmri_jax.models.monai_mirror import VQVAE
   return VQVAE(in_channels=1, out_channels=1, channels=(32, 64), num_res_channels=(32, 64), num_res_layers=1,

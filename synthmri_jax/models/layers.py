@@ -98,7 +98,7 @@ class ResBlock3D(nn.Module):
   emb_mode: str = "add"
   dropout: float = 0.0
   zero_init_last: bool = True
-  impl: str = "auto"
+  conv_impl: str = "auto"         # models.conv formulation of the block's convs
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -106,7 +106,7 @@ class ResBlock3D(nn.Module):
   def __call__(self, x: Array, emb: Array | None = None, *, deterministic: bool = True) -> Array:
     if self.emb_mode not in ("add", "scale_shift"):
       raise ValueError(f"emb_mode must be 'add' or 'scale_shift', got {self.emb_mode!r}")
-    kw = dict(impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
     h = nn.silu(GroupNorm(**norm, name="norm1")(x))
     h = Conv3D(self.features, 3, name="conv1", **kw)(h)
@@ -305,7 +305,7 @@ class SpatialTransformer3D(nn.Module):
   epsilon: float = 1e-6
   dropout: float = 0.0
   attention_impl: str | None = "auto"
-  impl: str = "auto"
+  conv_impl: str = "auto"         # models.conv formulation of the block's convs
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -314,13 +314,13 @@ class SpatialTransformer3D(nn.Module):
     b, d, h, w, c = x.shape
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     t = GroupNorm(self.num_groups, epsilon=self.epsilon, **dt, name="norm")(x)
-    t = Conv3D(c, 1, impl=self.impl, **dt, name="proj_in")(t)
+    t = Conv3D(c, 1, impl=self.conv_impl, **dt, name="proj_in")(t)
     t = constrain_tokens(t.reshape(b, d * h * w, c))
     for i in range(self.num_layers):
       t = TransformerBlock(_heads(c, self.head_channels), self.head_channels, dropout=self.dropout,
                            attention_impl=self.attention_impl, **dt, name=f"block{i}")(
                                t, context, deterministic=deterministic)
-    t = Conv3D(c, 1, impl=self.impl, kernel_init=nn.initializers.zeros_init(), **dt,
+    t = Conv3D(c, 1, impl=self.conv_impl, kernel_init=nn.initializers.zeros_init(), **dt,
                name="proj_out")(t.reshape(b, d, h, w, c))
     return constrain_volume(x + t)
 
@@ -329,7 +329,7 @@ class Downsample(nn.Module):
   """Halves D, H, W: stride-2 3x3x3 conv with padding 1 (MONAI DiffusionUnetDownsample), or 2x2x2 average pooling."""
   features: int | None = None
   use_conv: bool = True
-  impl: str = "auto"
+  conv_impl: str = "auto"         # models.conv formulation of the block's convs
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -339,7 +339,7 @@ class Downsample(nn.Module):
       if self.features not in (None, x.shape[-1]):
         raise ValueError("Downsample without a conv cannot change the channel count")
       return nn.avg_pool(x, (2, 2, 2), (2, 2, 2))
-    return constrain_volume(Conv3D(self.features or x.shape[-1], 3, strides=2, padding=1, impl=self.impl,
+    return constrain_volume(Conv3D(self.features or x.shape[-1], 3, strides=2, padding=1, impl=self.conv_impl,
                                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x))
 
 
@@ -348,7 +348,7 @@ class Upsample(nn.Module):
   post_conv in DiffusionModelUNet). On CPU the pair runs as one sub-pixel conv (models/conv.py)."""
   features: int | None = None
   use_conv: bool = True
-  impl: str = "auto"
+  conv_impl: str = "auto"         # models.conv formulation of the block's convs
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -358,5 +358,5 @@ class Upsample(nn.Module):
       b, d, h, w, c = x.shape
       x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :], (b, d, 2, h, 2, w, 2, c))
       return x.reshape(b, 2 * d, 2 * h, 2 * w, c)
-    return constrain_volume(UpsampleConv3D(self.features or x.shape[-1], 3, scale=2, impl=self.impl,
+    return constrain_volume(UpsampleConv3D(self.features or x.shape[-1], 3, scale=2, impl=self.conv_impl,
                                            dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x))

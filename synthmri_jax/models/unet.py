@@ -233,17 +233,17 @@ class TimestepResBlock(nn.Module):
   """MONAI's DiffusionUNetResnetBlock: x + conv2(SiLU(GN(conv1(SiLU(GN(x))) + Dense(SiLU(temb)))))."""
 
   out_channels: int
-  norm_groups: int
+  norm_num_groups: int
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm1")(x))
+    h = nn.silu(_norm(self.norm_num_groups, self.dtype, "norm1")(x))
     h = _conv(self.out_channels, 3, self.dtype, self.conv_impl, "conv1")(h)
     e = _dense(self.out_channels, "time_emb_proj", dtype=self.dtype)(nn.silu(temb))
     h = h + e[:, None, None, None, :].astype(h.dtype)
-    h = nn.silu(_norm(self.norm_groups, self.dtype, "norm2")(h))
+    h = nn.silu(_norm(self.norm_num_groups, self.dtype, "norm2")(h))
     h = _conv(self.out_channels, 3, self.dtype, self.conv_impl, "conv2", zero=True)(h)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, self.conv_impl, "skip_connection")(x)
@@ -284,14 +284,14 @@ class SpatialSelfAttention(nn.Module):
   """MONAI's SpatialAttentionBlock: x + SelfAttention(GN(x)) over all voxels, q/k/v with bias."""
 
   num_head_channels: int
-  norm_groups: int
+  norm_num_groups: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None, context: jax.Array | None = None) -> jax.Array:
     del temb, context
     b, X, Y, Z, c = x.shape
-    h = _norm(self.norm_groups, self.dtype, "norm")(x).reshape(b, X * Y * Z, c)
+    h = _norm(self.norm_num_groups, self.dtype, "norm")(x).reshape(b, X * Y * Z, c)
     h = constrain(h, ACT_TOKENS)
     heads = max(1, c // self.num_head_channels)
     h = Attention(heads, c // heads, c, qkv_bias=True, dtype=self.dtype, name="attn")(h)
@@ -325,7 +325,7 @@ class SpatialTransformer(nn.Module):
   """
 
   num_head_channels: int
-  norm_groups: int
+  norm_num_groups: int
   num_layers: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
@@ -336,7 +336,7 @@ class SpatialTransformer(nn.Module):
     b, X, Y, Z, c = x.shape
     heads = max(1, c // self.num_head_channels)
     inner = heads * (c // heads)
-    h = _norm(self.norm_groups, self.dtype, "norm")(x)
+    h = _norm(self.norm_num_groups, self.dtype, "norm")(x)
     h = _conv(inner, 1, self.dtype, self.conv_impl, "proj_in")(h)
     h = constrain(h.reshape(b, X * Y * Z, inner), ACT_TOKENS)
     for i in range(self.num_layers):
@@ -363,7 +363,7 @@ class DiffusionUNet(nn.Module):
   num_res_blocks: int | Sequence[int] = 1
   attention_levels: Sequence[bool] = (False, True, True)
   num_head_channels: int | Sequence[int] = 8
-  norm_groups: int = 32
+  norm_num_groups: int = 32
   with_conditioning: bool = True
   transformer_num_layers: int = 1
   conditioning: Conditioning | None = None
@@ -411,16 +411,16 @@ class DiffusionUNet(nn.Module):
     res = self._block(TimestepResBlock)
     if self.with_conditioning:
       mk_attn = lambda c, hc, name: self._block(SpatialTransformer)(
-          hc, self.norm_groups, self.transformer_num_layers, self.dtype, self.conv_impl, name=name)
+          hc, self.norm_num_groups, self.transformer_num_layers, self.dtype, self.conv_impl, name=name)
     else:
-      mk_attn = lambda c, hc, name: self._block(SpatialSelfAttention)(hc, self.norm_groups, self.dtype, name=name)
+      mk_attn = lambda c, hc, name: self._block(SpatialSelfAttention)(hc, self.norm_num_groups, self.dtype, name=name)
       context = None
 
     h = constrain(_conv(self.channels[0], 3, self.dtype, self.conv_impl, "conv_in")(x.astype(self.dtype)), ACT_5D)
     skips = [h]
     for i, c in enumerate(self.channels):
       for j in range(blocks[i]):
-        h = res(c, self.norm_groups, self.dtype, self.conv_impl, name=f"down_{i}_res_{j}")(h, temb)
+        h = res(c, self.norm_num_groups, self.dtype, self.conv_impl, name=f"down_{i}_res_{j}")(h, temb)
         if attn[i]:
           h = mk_attn(c, head_ch[i], f"down_{i}_attn_{j}")(h, temb, context)
         skips.append(h)
@@ -429,15 +429,15 @@ class DiffusionUNet(nn.Module):
         skips.append(h)
 
     top = self.channels[-1]
-    h = res(top, self.norm_groups, self.dtype, self.conv_impl, name="mid_res_0")(h, temb)
+    h = res(top, self.norm_num_groups, self.dtype, self.conv_impl, name="mid_res_0")(h, temb)
     h = mk_attn(top, head_ch[-1], "mid_attn")(h, temb, context)
-    h = res(top, self.norm_groups, self.dtype, self.conv_impl, name="mid_res_1")(h, temb)
+    h = res(top, self.norm_num_groups, self.dtype, self.conv_impl, name="mid_res_1")(h, temb)
 
     for i in reversed(range(levels)):
       c = self.channels[i]
       for j in range(blocks[i] + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = res(c, self.norm_groups, self.dtype, self.conv_impl, name=f"up_{i}_res_{j}")(h, temb)
+        h = res(c, self.norm_num_groups, self.dtype, self.conv_impl, name=f"up_{i}_res_{j}")(h, temb)
         if attn[i]:
           h = mk_attn(c, head_ch[i], f"up_{i}_attn_{j}")(h, temb, context)
       if i > 0:
@@ -446,7 +446,7 @@ class DiffusionUNet(nn.Module):
                            name=f"up_{i}_upsample")(h)
         h = constrain(h, ACT_5D)
 
-    h = nn.silu(_norm(self.norm_groups, self.dtype, "out_norm")(h))
+    h = nn.silu(_norm(self.norm_num_groups, self.dtype, "out_norm")(h))
     out = _conv(self.out_channels, 3, self.dtype, self.conv_impl, "conv_out", zero=True)(h)
     out = out[:, :spatial[0], :spatial[1], :spatial[2]]
     return out.astype(jnp.float32)
@@ -463,6 +463,6 @@ def from_config(ldm_cfg: Any, out_channels: int, num_classes: int, attributes: S
       attention_levels=tuple(bool(a) for a in m.attention_levels),
       num_head_channels=(m.num_head_channels if isinstance(m.num_head_channels, int)
                          else tuple(int(x) for x in m.num_head_channels)),
-      norm_groups=int(m.norm_groups), with_conditioning=True,
+      norm_num_groups=int(m.norm_num_groups), with_conditioning=True,
       transformer_num_layers=int(m.transformer_num_layers), conditioning=conditioning,
       cond_in_temb=bool(c.in_temb), remat=bool(m.remat), dtype=jnp.dtype(str(m.dtype)), conv_impl=str(m.conv_impl))
