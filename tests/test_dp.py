@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,7 @@ import toy_task as tt
 from synthmri_jax.data import loader
 from synthmri_jax.training import dp_accounting as dpa
 from synthmri_jax import sharding as mesh_lib
-from synthmri_jax.training import optim, trainer
+from synthmri_jax.training import dp_secret, optim, trainer
 
 N = 8
 
@@ -194,7 +195,7 @@ def test_dp_json_records_dataset_epsilon(tmp_path, data):
   src = loader.ArraySource({k: data[k][:n] for k in ("x", "y", "index", "poison")})
   cfg = tt.config(steps=steps, log_every=3, checkpoint_every=100, warmup_steps=0,
                   dp=dict(enabled=True, l2_clip=0.5, target_epsilon=2.0, accountant="rdp", delta=1e-3))
-  it = trainer.train_iterator(cfg, src, b, seed=1)
+  it = trainer.train_iterator(cfg, src, b, seed=1, workdir=str(tmp_path))
   logs = []
   state = trainer.train(tt.ToyTask(), cfg, str(tmp_path), it, on_log=lambda s, m: logs.append(m))
   rec = json.load(open(os.path.join(tmp_path, trainer.DP_FILE)))
@@ -212,3 +213,56 @@ def test_dp_json_records_dataset_epsilon(tmp_path, data):
     trainer.train(tt.ToyTask(), cfg, str(tmp_path / "bad"), tt.make_iter(data, 4))
   with pytest.raises(ValueError, match="unknown config.train.dp"):
     optim.train_config(tt.config(dp=dict(enabled=True, clip=1.0)))
+
+
+def _dp_run(workdir, data, steps, n=40, b=4):
+  src = loader.ArraySource({k: data[k][:n] for k in ("x", "y", "index", "poison")})
+  cfg = tt.config(steps=steps, log_every=2, checkpoint_every=2, warmup_steps=0,
+                  dp=dict(enabled=True, l2_clip=0.5, noise_multiplier=1.0))
+  it = trainer.train_iterator(cfg, src, b, seed=1, workdir=str(workdir))
+  state = trainer.train(tt.ToyTask(), cfg, str(workdir), it)
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+
+
+def test_dp_randomness_is_secret_per_run_and_resume_stays_exact(tmp_path, data):
+  """Same config, same seeds: two DP runs still draw different batches and noise (the OS secret),
+  a resumed run equals the straight run with the same secret, and the secret is in no other file."""
+  a, b = _dp_run(tmp_path / "a", data, 4), _dp_run(tmp_path / "b", data, 4)
+  assert np.abs(a - b).max() > 1e-3                          # different noise from the same config
+  secret_a = json.load(open(tmp_path / "a" / dp_secret.FILE))
+  assert secret_a != json.load(open(tmp_path / "b" / dp_secret.FILE))
+  assert os.stat(tmp_path / "a" / dp_secret.FILE).st_mode & 0o777 == 0o600
+  # Resume: the run's copy without its last checkpoint continues from step 2 to the same params.
+  shutil.copytree(tmp_path / "a", tmp_path / "c")
+  shutil.rmtree(tmp_path / "c" / "checkpoints" / "4")
+  resumed, straight = _dp_run(tmp_path / "c", data, 4), a
+  np.testing.assert_array_equal(resumed, straight)
+  # The words appear in no other file of the run (checkpoints, dp.json, TensorBoard): as decimal
+  # text, or as the raw little-endian bytes the noise key holds.
+  words = secret_a["sampling_words"] + secret_a["noise_words"]
+  seed = dp_secret.load_or_create(str(tmp_path / "a")).sampling_seed
+  needles = [str(w).encode() for w in words if w > 10 ** 6] + [str(seed).encode(),
+             np.asarray(secret_a["noise_words"][:2], "<u4").tobytes()]
+  for root, _, files in os.walk(tmp_path / "a"):
+    for name in files:
+      if name == dp_secret.FILE:
+        continue
+      blob = open(os.path.join(root, name), "rb").read()
+      assert not any(n in blob for n in needles), os.path.join(root, name)
+  assert "seed" not in json.load(open(tmp_path / "a" / trainer.DP_FILE))["sampling"]
+  assert "<secret>" in repr(dp_secret.load_or_create(str(tmp_path / "a")))
+
+
+def test_a_dp_iterator_without_a_workdir_is_refused(data):
+  src = loader.ArraySource({k: data[k][:40] for k in ("x", "y", "index", "poison")})
+  with pytest.raises(ValueError, match="needs the run's workdir"):
+    trainer.train_iterator(tt.config(dp=dict(enabled=True)), src, 4, seed=1)
+
+
+def test_seed_words_keep_small_seeds_streams():
+  """Below 2^32 a seed is one word, as before 128-bit secrets: seeded (non-DP) streams are unchanged."""
+  assert loader.seed_words(7) == [7] and loader.seed_words(2 ** 32 + 5) == [5, 1]
+  s = loader.PoissonSampling(40, 4, 12, 7)
+  np.testing.assert_array_equal(s.sample(3), loader.PoissonSampling(40, 4, 12, 7).sample(3))
+  big = loader.PoissonSampling(40, 4, 12, 2 ** 100 + 7)     # the high bits count
+  assert any(not np.array_equal(big.sample(t), s.sample(t)) for t in range(5))

@@ -73,7 +73,8 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
                                        mesh=dict(data=-1, fsdp=1, tensor=1)))
   logs = []
   dp_dir = os.path.join(work, "ldm_dp")
-  state = trainer.train(task, cfg, dp_dir, trainer.train_iterator(cfg, src, 8, seed=0), on_log=lambda s, m: logs.append(m))
+  state = trainer.train(task, cfg, dp_dir, trainer.train_iterator(cfg, src, 8, seed=0, workdir=dp_dir),
+                        on_log=lambda s, m: logs.append(m))
   rec = json.load(open(os.path.join(dp_dir, trainer.DP_FILE)))
   assert int(state.step) == 4 and rec["complete"] and rec["steps"] == 4 and rec["private"]
   assert rec["sampling_probability"] == 8 / SPLITS["train"] and np.isfinite(logs[-1]["loss"])

@@ -226,9 +226,22 @@ def eval_num_batches(source: Source, global_batch_size: int) -> int:
   return -(-len(source) // global_batch_size)
 
 
+def seed_words(seed: int) -> list[int]:
+  """A non-negative seed as 32-bit SeedSequence words, low first ([seed] below 2^32), so a 128-bit
+  secret seed keeps all its bits."""
+  seed = int(seed)
+  if seed < 0:
+    raise ValueError(f"seeds are non-negative, got {seed}")
+  words = [seed & 0xFFFFFFFF]
+  while seed >> 32:
+    seed >>= 32
+    words.append(seed & 0xFFFFFFFF)
+  return words
+
+
 def _derive_seed(seed: int, tag: int) -> int:
   """Decorrelated 32-bit seeds: grain's shuffle uses seed+epoch, so raw seeds s and s+1 would share epochs."""
-  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, tag]).generate_state(1, np.uint32)[0])
+  return int(np.random.SeedSequence([*seed_words(seed), tag]).generate_state(1, np.uint32)[0])
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -359,7 +372,7 @@ class PoissonSampling:
   dataset_size: int
   expected_batch_size: int
   max_batch_size: int
-  seed: int
+  seed: int = dataclasses.field(repr=False)   # secret in a DP run: not printed, not in to_json
 
   def __post_init__(self):
     if not 1 <= self.expected_batch_size <= self.dataset_size:
@@ -377,7 +390,7 @@ class PoissonSampling:
     return float(scipy.stats.binom.sf(self.max_batch_size, self.dataset_size, self.q))
 
   def _rng(self, step: int) -> np.random.Generator:
-    return np.random.default_rng([int(self.seed) & 0xFFFFFFFF, _POISSON_TAG, int(step)])
+    return np.random.default_rng([*seed_words(self.seed), _POISSON_TAG, int(step)])
 
   def count(self, step: int) -> int:
     """How many rows step `step` sampled (before truncation to max_batch_size)."""
@@ -395,7 +408,8 @@ class PoissonSampling:
     return sum(self.count(s) > self.max_batch_size for s in range(int(num_steps)))
 
   def to_json(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), "sampling_probability": self.q,
+    # the seed is left out: a DP run's sampling seed is secret (training/dp_secret.py)
+    return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "seed"}, "sampling_probability": self.q,
             "overflow_probability_per_step": self.overflow_probability}
 
 

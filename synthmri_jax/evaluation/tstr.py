@@ -408,7 +408,7 @@ class Study:
              f"synthetic scans into {run_dir}")
     train_cfg = _train_block(self.cls.train, self.mesh_cfg, seed)
     # Poisson-sampled batches when classifier.train.dp is enabled (DP-SGD on the real arms).
-    it = trainer.train_iterator(train_cfg, source, bs, seed, augment=augment, mesh=self.mesh)
+    it = trainer.train_iterator(train_cfg, source, bs, seed, augment=augment, mesh=self.mesh, workdir=run_dir)
     val_fn = None
     if self.val_source is not None:
       val = Subset(self.val_source, np.arange(len(self.val_source)), ("image", "label"))

@@ -25,6 +25,9 @@ accumulation) only post-processes that noisy gradient. Under DP:
 - a step is skipped only when the noisy gradient is non-finite, never on the private loss.
 - every step counts towards epsilon, skipped or not; with grad_accum > 1 each micro-batch is
   its own noised release, so the accountant counts train.steps (batches), not updates.
+- the batches and the noise come from the run's secret (training/dp_secret.py: drawn from the
+  OS at the first start, kept in WORKDIR/dp_secret.json, 0600), not from config seeds or the
+  checkpointed state.rng, which would let anyone with the config or a checkpoint replay them.
 - logged training metrics (loss, dp_* diagnostics) are computed on private data without
   noise: they are for the operator, not for release.
 - target_epsilon > 0 calibrates noise_multiplier (training.dp_accounting.calibrate_noise) for
@@ -53,7 +56,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from synthmri_jax.data import loader as loader_lib
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training import dp_accounting
+from synthmri_jax.training import dp_accounting, dp_secret
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim
 from synthmri_jax.training import task as task_lib
@@ -471,16 +474,24 @@ def write_dp_record(workdir: str, record: dict[str, Any]) -> None:
 
 def train_iterator(config, source: loader_lib.Source, global_batch_size: int, seed: int, *,
                    augment: Optional[loader_lib.Augment] = None,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+                   mesh: Optional[jax.sharding.Mesh] = None, workdir: Optional[str] = None) -> Any:
   """The train iterator a stage should hand to `train`: loader.train_iterator, or with
   config.train.dp.enabled the Poisson-sampled one (expected batch global_batch_size, padded
-  to a multiple of the mesh's data*fsdp size) that the accountant assumes."""
+  to a multiple of the mesh's data*fsdp size) that the accountant assumes.
+
+  A DP iterator ignores `seed`: its rows are drawn from the secret of `workdir` (the directory
+  later given to `train`; dp_secret.load_or_create), so the batches cannot be regenerated from
+  the config."""
   cfg = optim.train_config(config)
   if not cfg.dp.enabled:
     return loader_lib.train_iterator(source, global_batch_size, seed, augment=augment)
+  if workdir is None:
+    raise ValueError("config.train.dp.enabled: trainer.train_iterator needs the run's workdir, whose secret "
+                     "seeds the Poisson sampler (a config seed would make the batches public)")
   shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in loader_lib.BATCH_AXES]))
   return loader_lib.poisson_train_iterator(
-      source, global_batch_size, seed, max_batch_size=int(cfg.dp.max_batch_size),
+      source, global_batch_size, dp_secret.load_or_create(workdir).sampling_seed,
+      max_batch_size=int(cfg.dp.max_batch_size),
       overflow_tolerance=float(cfg.dp.overflow_tolerance), multiple_of=shards, augment=augment)
 
 
@@ -678,7 +689,9 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
               f"skipped in total). Lower train.lr, enable train.clip_norm, or check the data / loss for "
               f"NaN/Inf. Checkpoints in {ckpt.directory} hold only finite states.")
 
-      run_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng)))
+      # DP: the noise (and every per-example key) comes from the run's secret, not the seeded state.rng.
+      run_key = (dp_secret.load_or_create(workdir).noise_key() if dp_step is not None
+                 else jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng))))
       window, prev, preempted = [], None, False
       t_window, steps_in_window = time.time(), 0
       step = start

@@ -544,7 +544,7 @@ def run_ldm(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   train_src = LatentSource(os.path.join(ldir, "train.npy"), norm, train_conds)
   gb = round_up(batch_size(config), mesh)
   # trainer.train_iterator: Poisson-sampled batches when train.dp is enabled (DP-SGD on the generator).
-  it = trainer.train_iterator(tc, train_src, gb, int(config.data.shuffle_seed), mesh=mesh)
+  it = trainer.train_iterator(tc, train_src, gb, int(config.data.shuffle_seed), mesh=mesh, workdir=out_dir)
   eval_fn = None
   if index["splits"].get("val", {}).get("complete"):
     val_src = LatentSource(os.path.join(ldir, "val.npy"), norm, split_attributes(prepared, "val", attributes))
