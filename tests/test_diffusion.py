@@ -22,11 +22,10 @@ def monai_betas(name: str, num_t: int, beta_start: float = 1e-4, beta_end: float
     betas = np.linspace(beta_start, beta_end, num_t)
   elif name == "scaled_linear_beta":
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_t) ** 2
-  elif name == "cosine":
-    x = np.linspace(0, num_t, num_t + 1)
-    ac = np.cos(((x / num_t) + 8e-3) / (1 + 8e-3) * np.pi * 0.5) ** 2
-    ac = ac / ac[0]
-    betas = np.clip(1.0 - ac[1:] / ac[:-1], 0.0, 0.999)
+  elif name == "squaredcos_cap_v2":
+    # diffusers' betas_for_alpha_bar, step by step (not MONAI's formula: see monai_cosine)
+    alpha_bar = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+    betas = np.array([min(1 - alpha_bar((i + 1) / num_t) / alpha_bar(i / num_t), 0.999) for i in range(num_t)])
   else:
     raise ValueError(name)
   alphas = 1.0 - betas
@@ -75,7 +74,7 @@ def monai_ddim_timesteps(num_t, n, steps_offset):
     ("linear", "linear_beta", 1e-4, 2e-2),
     ("scaled_linear", "scaled_linear_beta", 1e-4, 2e-2),
     ("scaled_linear", "scaled_linear_beta", schedules.LDM_BETA_START, schedules.LDM_BETA_END),
-    ("cosine", "cosine", None, None),
+    ("squaredcos_cap_v2", "squaredcos_cap_v2", None, None),
 ])
 def test_schedule_matches_monai_formulas(name, monai_name, start, end):
   kw = {} if start is None else dict(beta_start=start, beta_end=end)
@@ -90,6 +89,24 @@ def test_schedule_matches_monai_formulas(name, monai_name, start, end):
   np.testing.assert_array_equal(schedules.make_schedule(monai_name, T, **kw).betas, s.betas)
 
 
+def monai_cosine(num_t: int, s: float = 8e-3):
+  """monai.networks.schedulers.scheduler._cosine_beta: alphas clipped, abar the unclipped f(i)/f(0)."""
+  x = np.linspace(0, num_t, num_t + 1)
+  ac = np.cos(((x / num_t) + s) / (1 + s) * np.pi * 0.5) ** 2
+  ac = ac / ac[0]
+  return ac[:-1]
+
+
+def test_cosine_is_named_for_what_it_is():
+  """Our cosine schedule is diffusers' squaredcos_cap_v2; MONAI's 'cosine' differs by ~1.6e-3 in abar,
+  so the bare name is refused instead of silently meaning one of them."""
+  ours = np.asarray(schedules.make_schedule("squaredcos_cap_v2", T).alphas_cumprod, np.float64)
+  gap = np.abs(ours - monai_cosine(T)).max()
+  assert 1e-3 < gap < 2e-3, gap
+  with pytest.raises(ValueError, match="ambiguous"):
+    schedules.make_schedule("cosine", T)
+
+
 def test_schedule_closed_forms():
   t = np.arange(T, dtype=np.float64)
   lin = schedules.make_schedule("linear")
@@ -100,7 +117,7 @@ def test_schedule_closed_forms():
   for s in (lin, sl):
     b = np.asarray(s.betas, np.float64)
     np.testing.assert_allclose(s.alphas_cumprod, np.exp(np.cumsum(np.log(1 - b))), rtol=1e-5)
-  cos = schedules.make_schedule("cosine")
+  cos = schedules.make_schedule("squaredcos_cap_v2")
   f = lambda u: np.cos((u / T + 0.008) / 1.008 * np.pi / 2) ** 2
   # The cumulative product telescopes to f(t+1)/f(0) wherever the 0.999 clip is inactive: all but the last step.
   np.testing.assert_allclose(cos.alphas_cumprod[:-1], f(t[:-1] + 1) / f(0), atol=1e-7, rtol=1e-5)
@@ -115,7 +132,7 @@ def test_schedule_closed_forms():
 
 
 def test_schedule_is_a_jittable_pytree():
-  s = schedules.make_schedule("cosine", 50)
+  s = schedules.make_schedule("squaredcos_cap_v2", 50)
   leaves = jax.tree.leaves(s)
   assert len(leaves) == 4 and all(leaf.shape == (50,) for leaf in leaves)
   x0, noise, t = jnp.ones((3, 2, 2, 2, 1)), jnp.zeros((3, 2, 2, 2, 1)), jnp.array([0, 10, 49])
@@ -136,7 +153,7 @@ def test_q_sample_moments():
   np.testing.assert_allclose(var, 1 - ac, atol=0, rtol=5 * np.sqrt(2 / n))
 
 
-@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_prediction_conversions_are_exact_inverses(name):
   s = schedules.make_schedule(name)
   k1, k2 = jax.random.split(jax.random.key(1))
@@ -242,7 +259,7 @@ def test_ddim_eta0_is_deterministic_and_eta1_full_is_ddpm():
 
 def test_per_example_keys_make_samples_batch_independent():
   """One threefry key per subject: a subject's sample does not depend on the batch it was drawn in."""
-  s = schedules.make_schedule("cosine", 50)
+  s = schedules.make_schedule("squaredcos_cap_v2", 50)
   fn = _toy_model(s)
   keys = jax.random.split(jax.random.key(0), 4)
   sample = lambda k: samplers.ddim_sample(fn, s, (k.shape[0], 3, 3, 3, 1), k, num_inference_steps=10, eta=0.5)
@@ -267,7 +284,7 @@ def _oracle(s: schedules.NoiseSchedule, x0_star: jax.Array, prediction_type: str
 def test_samplers_recover_a_point_mass(prediction_type):
   shape = (2, 4, 4, 4, 3)
   x0_star = 1.5 * jnp.tanh(jax.random.normal(jax.random.key(11), shape))
-  cos = schedules.make_schedule("cosine")
+  cos = schedules.make_schedule("squaredcos_cap_v2")
   sl = schedules.make_schedule("scaled_linear", beta_start=0.0015, beta_end=0.0195)
   kw = dict(prediction_type=prediction_type)
   for out in (samplers.ddpm_sample(_oracle(cos, x0_star, prediction_type), cos, shape, _key(0), **kw),
@@ -355,7 +372,7 @@ def test_classifier_free_guidance():
   np.testing.assert_array_equal(samplers.cfg_model_fn(model_fn, 1.0, null)(x, t, cond), c)
   np.testing.assert_array_equal(samplers.cfg_model_fn(model_fn, 0.0, null)(x, t, cond), u)
   # Guided sampling end to end under jit, params as a traced argument closed over inside.
-  s = schedules.make_schedule("cosine", 30)
+  s = schedules.make_schedule("squaredcos_cap_v2", 30)
   sample = jax.jit(lambda params, rng, cd: samplers.ddim_sample(
       samplers.cfg_model_fn(lambda x, t, c: params * model_fn(x, t, c), 3.0, null), s, (4, 5), rng, cd,
       num_inference_steps=10))

@@ -74,11 +74,11 @@ PRED = "v_prediction"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A tiny model trained on the toy cohort (v-prediction; a 200-step cosine schedule keeps DDPM short)."""
+  """A tiny model trained on the toy cohort (v-prediction; a 200-step squaredcos_cap_v2 schedule keeps DDPM short)."""
   data = toy_cohort(128)
   attrs = U.with_stats(ATTRS, data)
   model = tiny_model(attrs)
-  schedule = make_schedule("cosine", 200)
+  schedule = make_schedule("squaredcos_cap_v2", 200)
   task = L.LDMTask(model, schedule, PRED, dropout_each=0.1, dropout_all=0.15)
   it = loader.train_iterator(loader.ArraySource(data), 16, seed=0)
   state = trainer.train(task, train_cfg(), str(tmp_path_factory.mktemp("ldm_toy")), it)

@@ -1,14 +1,18 @@
 """Discrete-time DDPM noise schedules and the algebra between noise, clean data and velocity.
 
-The beta schedules reproduce MONAI's `monai.networks.schedulers` (which follows diffusers),
-so a checkpoint trained here and one trained with the PyTorch baseline see the same
-forward process:
+The linear schedules reproduce MONAI's `monai.networks.schedulers`, so a checkpoint trained here
+and one trained with the PyTorch baseline see the same forward process:
 
-  linear         betas = linspace(beta_start, beta_end, T)                 MONAI "linear_beta"
-  scaled_linear  betas = linspace(sqrt(beta_start), sqrt(beta_end), T)**2  MONAI "scaled_linear_beta"
-  cosine         abar(i) = f(i+1)/f(0), f(x) = cos(((x/T)+s)/(1+s)*pi/2)**2,
-                 betas = clip(1 - abar_i/abar_{i-1}, 0, 0.999), abar recomputed
-                 as cumprod(1 - betas)                                     MONAI "cosine"
+  linear             betas = linspace(beta_start, beta_end, T)                 MONAI "linear_beta"
+  scaled_linear      betas = linspace(sqrt(beta_start), sqrt(beta_end), T)**2  MONAI "scaled_linear_beta"
+  squaredcos_cap_v2  abar(i) = f(i+1)/f(0), f(x) = cos(((x/T)+s)/(1+s)*pi/2)**2,
+                     betas = clip(1 - abar_i/abar_{i-1}, 0, 0.999), abar recomputed
+                     as cumprod(1 - betas)                    diffusers "squaredcos_cap_v2"
+
+The cosine schedule is diffusers' (Nichol & Dhariwal 2021 with the 0.999 beta cap), not MONAI's
+"cosine": MONAI clips the alphas to [1e-4, 0.9999] and keeps the unclipped f(i)/f(0) as abar
+(abar_0 = 1 exactly, an infinite SNR at t = 0), which differs from this one by up to 1.6e-3 in
+abar. The name "cosine" is refused rather than silently meaning either.
 
 MONAI's defaults are beta_start=1e-4, beta_end=2e-2 for both linear kinds; its latent
 diffusion tutorials use scaled_linear with 0.0015/0.0195 (`LDM_BETA_START`/`LDM_BETA_END`).
@@ -30,9 +34,9 @@ import numpy as np
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SCHEDULES = ("linear", "scaled_linear", "cosine")
-# MONAI names, accepted so configs written for the baseline work unchanged.
-_ALIASES = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# MONAI names of the same formulas, accepted so configs written for the baseline work unchanged.
+_ALIASES = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear"}
 
 DEFAULT_BETA_START = 1e-4
 DEFAULT_BETA_END = 2e-2
@@ -53,7 +57,8 @@ def scaled_linear_betas(num_train_timesteps: int, beta_start: float = DEFAULT_BE
 
 
 def cosine_betas(num_train_timesteps: int, s: float = 8e-3, max_beta: float = 0.999) -> np.ndarray:
-  """Nichol & Dhariwal 2021 cosine schedule; the clip keeps the last step from being pure noise (beta=1)."""
+  """Nichol & Dhariwal 2021 cosine schedule as diffusers' squaredcos_cap_v2; the clip keeps the last
+  step from being pure noise (beta=1)."""
   x = np.linspace(0.0, num_train_timesteps, num_train_timesteps + 1, dtype=np.float64)
   abar = np.cos((x / num_train_timesteps + s) / (1.0 + s) * np.pi * 0.5) ** 2
   abar = abar / abar[0]
@@ -176,18 +181,22 @@ def schedule_from_betas(betas: np.ndarray) -> NoiseSchedule:
 def make_schedule(name: str = "linear", num_train_timesteps: int = 1000,
                   beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END,
                   cosine_s: float = 8e-3) -> NoiseSchedule:
-  """Schedule by name: 'linear', 'scaled_linear' or 'cosine' (MONAI names accepted too).
+  """Schedule by name: 'linear', 'scaled_linear' (MONAI names accepted too) or 'squaredcos_cap_v2'.
 
-  beta_start/beta_end are ignored by 'cosine'.
+  beta_start/beta_end are ignored by 'squaredcos_cap_v2'.
   """
   kind = _ALIASES.get(name, name)
+  if kind == "cosine":
+    raise ValueError("noise schedule 'cosine' is ambiguous: MONAI's 'cosine' (clipped alphas, abar_0 = 1) is not "
+                     "implemented; 'squaredcos_cap_v2' is diffusers' cosine schedule (Nichol & Dhariwal, beta <= "
+                     "0.999), whose abar differs from MONAI's by up to 1.6e-3")
   if num_train_timesteps < 2:
     raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
   if kind == "linear":
     betas = linear_betas(num_train_timesteps, beta_start, beta_end)
   elif kind == "scaled_linear":
     betas = scaled_linear_betas(num_train_timesteps, beta_start, beta_end)
-  elif kind == "cosine":
+  elif kind == "squaredcos_cap_v2":
     betas = cosine_betas(num_train_timesteps, cosine_s)
   else:
     raise ValueError(f"unknown noise schedule {name!r}; expected one of {SCHEDULES}")

@@ -42,7 +42,8 @@ def ldm_config(profile: str = "gpu") -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------ diffusion
   d = c.diffusion = ml_collections.ConfigDict()
-  d.schedule = "scaled_linear"       # 'linear' | 'scaled_linear' | 'cosine' (MONAI names accepted)
+  d.schedule = "scaled_linear"       # 'linear' | 'scaled_linear' (MONAI names accepted) | 'squaredcos_cap_v2'
+                                     # (diffusers' cosine; MONAI's 'cosine' differs and is refused)
   d.num_train_timesteps = 1000
   d.beta_start = 0.0015              # MONAI's latent-diffusion tutorial values
   d.beta_end = 0.0195
