@@ -954,8 +954,12 @@ def _privacy_section(inp: Inputs) -> Section:
       a = mia.get(key)
       if a:
         ci = a.get("auc_ci") or [None, None]
-        rows.append([name, fmt_ci(a.get("auc"), ci[0], ci[1]), fmt(a.get("tpr_at_1pct_fpr"), 3),
-                     fmt(a.get("advantage"), 3)])
+        if a.get("tpr_at_1pct_fpr_resolvable") is False:   # fewer than 100 non-members: say so, no number
+          tpr = (f"not resolvable with {mia.get('n_nonmembers')} non-members; at FPR "
+                 f"{fmt_pct(a.get('smallest_resolvable_fpr'))}: {fmt(a.get('tpr_at_smallest_fpr'), 3)}")
+        else:
+          tpr = fmt(a.get("tpr_at_1pct_fpr"), 3)
+        rows.append([name, fmt_ci(a.get("auc"), ci[0], ci[1]), tpr, fmt(a.get("advantage"), 3)])
     sec.add(Table(["attack", "AUC [CI]", "TPR at 1 % FPR", "advantage (max TPR − FPR)"], rows,
                   f"Membership inference on the LDM: {mia.get('n_members')} members (training latents) vs "
                   f"{mia.get('n_nonmembers')} non-members (`{mia.get('nonmember_split')}`); AUC 0.5 = no leakage"))

@@ -204,7 +204,11 @@ def test_membership_inference_on_a_memorising_denoiser():
   sh = privacy.diffusion_attack_scores(oracle, schedule, jnp.asarray(members), others, {}, seed=1, **kw)
   assert sm["losses"].shape == (24, 2) and sm["pia"].shape == (24,)
   r = privacy.membership_inference(sm, sh, kw["timesteps"], n_boot=200)
-  assert r["loss_attack"]["auc"] > 0.95 and r["loss_attack"]["tpr_at_1pct_fpr"] > 0.5
+  assert r["loss_attack"]["auc"] > 0.95
+  # 24 non-members cannot resolve a 1 % FPR: no number there, the TPR at FPR 1/24 instead.
+  la = r["loss_attack"]
+  assert la["tpr_at_1pct_fpr"] is None and la["tpr_at_1pct_fpr_resolvable"] is False
+  assert la["smallest_resolvable_fpr"] == pytest.approx(1 / 24) and la["tpr_at_smallest_fpr"] > 0.5
   assert r["pia"]["auc"] > 0.95
   assert [row["timestep"] for row in r["loss_attack"]["per_timestep"]] == [50, 200]
   # A model that memorised nothing (predicts zero noise for everyone) leaks nothing.

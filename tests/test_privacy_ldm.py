@@ -54,7 +54,10 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   mia = privacy.ldm_membership_inference(config, work, cache.load_prepared(work), codec=codec, log=lambda m: None)
   assert mia["n_members"] == SPLITS["train"] and mia["n_nonmembers"] == SPLITS["holdout"]
   for attack in ("loss_attack", "pia"):
-    assert 0.0 <= mia[attack]["auc"] <= 1.0 and 0.0 <= mia[attack]["tpr_at_1pct_fpr"] <= 1.0
+    a = mia[attack]
+    assert 0.0 <= a["auc"] <= 1.0 and 0.0 <= a["tpr_at_smallest_fpr"] <= 1.0
+    assert a["tpr_at_1pct_fpr_resolvable"] == (mia["n_nonmembers"] >= 100)
+    assert (a["tpr_at_1pct_fpr"] is None) == (not a["tpr_at_1pct_fpr_resolvable"])
   assert [r["timestep"] for r in mia["loss_attack"]["per_timestep"]] == [50, 200]
   assert os.path.exists(os.path.join(work, "evaluation", "privacy", f"holdout_latents_{codec.key}.npy"))
 

@@ -134,8 +134,10 @@ def _write_jsons(workdir, prepared):
                             "mann_whitney_p": 0.6}},
       "membership_inference": {"n_members": 6, "n_nonmembers": 2, "nonmember_split": "holdout",
                                "loss_attack": {"auc": 0.5234, "auc_ci": [0.3, 0.7], "tpr_at_1pct_fpr": 0.0167,
-                                               "advantage": 0.1},
-                               "pia": {"auc": 0.4876, "auc_ci": [0.3, 0.7], "tpr_at_1pct_fpr": 0.0, "advantage": 0.1}},
+                                               "tpr_at_1pct_fpr_resolvable": True, "advantage": 0.1},
+                               "pia": {"auc": 0.4876, "auc_ci": [0.3, 0.7], "tpr_at_1pct_fpr": None,
+                                       "tpr_at_1pct_fpr_resolvable": False, "smallest_resolvable_fpr": 0.5,
+                                       "tpr_at_smallest_fpr": 0.3333, "advantage": 0.1}},
       "epsilon": {"models": [{"model": "ldm", "saw_private_data": True, "private": True, "epsilon": 7.891,
                               "statement": "DP-SGD: ε = 7.89 (PLD; RDP 8.5), δ = 1e-05"},
                              {"model": "tokenizer", "saw_private_data": True, "private": False, "epsilon": None,
@@ -218,6 +220,7 @@ def test_numbers_come_from_the_stage_files(full_workdir):
             "12.35 [10.1, 15.2]", "3.21", "0.457 [0.400, 0.500]",   # FD, floor, MS-SSIM
             "sub-synth0003", "sub-04", "0.9876",        # copies, τ
             "1 of 6", "0.523 [0.300, 0.700]", "0.017",  # copies, MIA AUC, TPR@1%FPR
+            "not resolvable with 2 non-members; at FPR 50.0 %: 0.333",   # unresolvable: no number at 1 %
             "non-private (ε = ∞): tokenizer trained without DP", "7.89",
             "+13.260 [+9.100, +17.400]", "0.54",        # anatomy by label: real effect, synthetic / real
             "0.87 [0.77, 0.98]", "23.56 dB",            # codec check

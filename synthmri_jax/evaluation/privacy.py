@@ -296,6 +296,15 @@ def diffusion_attack_scores(apply_fn: Callable, schedule, params: Any, x0: np.nd
   return {"losses": losses, "pia": pia}
 
 
+def operating_point(report: dict[str, Any], fpr: float = 0.01) -> dict[str, Any]:
+  """TPR at `fpr` only where it is resolvable (>= 1/fpr non-members); always the TPR at the smallest
+  FPR the non-members resolve (1 / n_nonmembers), so a small holdout says what it can measure."""
+  hit, low = report["tpr_at_fpr"][str(fpr)], report["tpr_at_smallest_fpr"]
+  return {"tpr_at_1pct_fpr": hit["tpr"] if hit["resolvable"] else None,
+          "tpr_at_1pct_fpr_resolvable": bool(hit["resolvable"]),
+          "smallest_resolvable_fpr": low["fpr"], "tpr_at_smallest_fpr": low["tpr"]}
+
+
 def membership_inference(members: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray],
                          timesteps: Sequence[int], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
   """Loss attack (mean over timesteps, and per timestep) and PIA from diffusion_attack_scores outputs."""
@@ -307,7 +316,7 @@ def membership_inference(members: dict[str, np.ndarray], nonmembers: dict[str, n
   pia = privacy_stats.membership_inference_report(members["pia"], nonmembers["pia"], fprs=(0.01,), n_boot=n_boot,
                                                   seed=seed)
   summary = lambda r: {"auc": r["auc"]["auc"], "auc_ci": [r["auc"]["ci_low"], r["auc"]["ci_high"]],
-                       "tpr_at_1pct_fpr": r["tpr_at_fpr"]["0.01"]["tpr"], "advantage": r["advantage"]}
+                       **operating_point(r), "advantage": r["advantage"]}
   return {"n_members": loss["n_members"], "n_nonmembers": loss["n_nonmembers"],
           "loss_attack": {**summary(loss), "timesteps": [int(t) for t in timesteps], "per_timestep": per_t,
                           "detail": loss},
@@ -607,8 +616,11 @@ def _log_summary(r: dict[str, Any], log: Callable[[str], None]) -> None:
   if "skipped" in mia:
     log(f"privacy: membership inference skipped: {mia['skipped']}")
   else:
-    log(f"privacy: MIA loss AUC {mia['loss_attack']['auc']:.3f} TPR@1%FPR {mia['loss_attack']['tpr_at_1pct_fpr']:.3f}; "
-        f"PIA AUC {mia['pia']['auc']:.3f} TPR@1%FPR {mia['pia']['tpr_at_1pct_fpr']:.3f}")
+    op = lambda a: (f"TPR@1%FPR {a['tpr_at_1pct_fpr']:.3f}" if a["tpr_at_1pct_fpr_resolvable"] else
+                    f"TPR@{a['smallest_resolvable_fpr']:.1%}FPR {a['tpr_at_smallest_fpr']:.3f} (1 % FPR not resolvable "
+                    f"with {mia['n_nonmembers']} non-members)")
+    log(f"privacy: MIA loss AUC {mia['loss_attack']['auc']:.3f} {op(mia['loss_attack'])}; "
+        f"PIA AUC {mia['pia']['auc']:.3f} {op(mia['pia'])}")
   for m in r["epsilon"]["models"]:
     log(f"privacy: {m['model']}: {m['statement']}")
 

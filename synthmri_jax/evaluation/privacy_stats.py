@@ -348,7 +348,8 @@ def membership_inference_report(member_scores: np.ndarray, nonmember_scores: np.
   Members are the generator's training subjects, non-members the holdout split. Returns
   {"n_members", "n_nonmembers", "auc" (stats.auc_with_ci's dict), "tpr_at_fpr" {str(fpr):
   stats.tpr_at_fpr_with_ci's dict}, "advantage" (max TPR − FPR over the ROC: the best
-  balanced-accuracy gain, 0 for a blind attack)}. 0.5 AUC and TPR ≈ FPR mean no
+  balanced-accuracy gain, 0 for a blind attack), "tpr_at_smallest_fpr" {"fpr": 1 / n_nonmembers,
+  "tpr"}}. 0.5 AUC and TPR ≈ FPR mean no
   measurable leakage; at 0.1 % FPR fewer than 1,000 non-members cannot resolve the rate
   (see "resolvable").
   """
@@ -361,6 +362,8 @@ def membership_inference_report(member_scores: np.ndarray, nonmember_scores: np.
           "auc": stats.auc_with_ci(y, s, n_boot=n_boot, seed=seed, alpha=alpha),
           "tpr_at_fpr": {str(f): stats.tpr_at_fpr_with_ci(y, s, f, n_boot=n_boot, seed=seed, alpha=alpha)
                          for f in fprs},
+          # the operating point every holdout resolves: one false positive (FPR = 1 / n_nonmembers)
+          "tpr_at_smallest_fpr": {"fpr": 1.0 / len(h), "tpr": float(stats.tpr_at_fpr(y, s, 1.0 / len(h)))},
           "advantage": float(np.max(curve["tpr"] - curve["fpr"]))}
 
 
