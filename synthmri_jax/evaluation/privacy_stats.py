@@ -45,7 +45,10 @@ binomial one, because τ is itself an estimate from a finite calibration set.
 Distance to closest record (DCR): synthetic → train beside holdout → train. If the
 generator produces new subjects, a synthetic scan's nearest real scan in train ∪ holdout is
 in train with probability n_train / (n_train + n_holdout) (½ for equal sizes); memorisation
-pushes that share up, tested one-sided with scipy.stats.binomtest, and the two DCR
+pushes that share up. The share is tested one-sided by permuting which real scans are "train"
+(`closer_to_train_p_value`): the synthetic scans share their reference sets, so their nearest
+neighbours are not independent draws and a binomial test over synthetic scans rejects a true
+null far more than its level (11 % at 5 % with 96 train / 24 holdout / 100 synthetic). The two DCR
 distributions are compared with a one-sided Mann-Whitney test. NNDR is nearest /
 second-nearest distance to the training set: near 0, a scan sits on one training subject.
 """
@@ -303,15 +306,35 @@ def nndr(neighbors: Neighbors) -> np.ndarray:
   return np.divide(d[:, 0], d[:, 1], out=np.ones(len(d)), where=d[:, 1] > 0)
 
 
+def closer_to_train_p_value(nearest_real: np.ndarray, n_train: int, n_holdout: int, n_perm: int = 2000,
+                            seed: int = 0) -> float:
+  """One-sided permutation p-value of the closer-to-train count.
+
+  nearest_real: each synthetic scan's nearest scan in train ∪ holdout, as an index into that
+  pooled set (train first). Under the null (the generator's output does not depend on which real
+  scans it trained on) the train / holdout labels are exchangeable over the pooled set while the
+  nearest neighbours stay fixed, so relabelling n_train of the pooled scans as train at random
+  gives the count's null law, including the dependence of synthetic scans that share a neighbour.
+  """
+  n = int(n_train) + int(n_holdout)
+  counts = np.bincount(np.asarray(nearest_real, np.int64), minlength=n).astype(np.int64)
+  observed = counts[:n_train].sum()
+  rng = np.random.default_rng(seed)
+  perms = rng.permuted(np.tile(np.arange(n), (int(n_perm), 1)), axis=1)[:, :n_train]
+  null = counts[perms].sum(axis=1)
+  return float((1 + np.sum(null >= observed)) / (1 + int(n_perm)))
+
+
 def dcr_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
-               metric: str = "pearson", **metric_kwargs: Any) -> dict[str, Any]:
+               metric: str = "pearson", n_perm: int = 2000, seed: int = 0, **metric_kwargs: Any) -> dict[str, Any]:
   """DCR and NNDR of synthetic → train beside holdout → train, and the closer-to-train share.
 
   Ties (a synthetic scan exactly as far from both sets) count as closer to train, the
   cautious side. Returns {"metric", "n_synthetic", "n_train", "n_holdout",
   "dcr_synthetic", "dcr_holdout", "nndr_synthetic", "nndr_holdout" (each {"mean",
   "median", "p05"}), "closer_to_train_share", "n_closer_to_train", "n_ties",
-  "expected_share", "share_p_value" (binomial, one-sided greater),
+  "expected_share", "share_p_value" (permutation of the train / holdout labels, one-sided greater:
+  closer_to_train_p_value),
   "mann_whitney_u", "mann_whitney_p" (one-sided: synthetic DCR smaller),
   "prob_synthetic_closer" (U / (n_s · n_h): P(DCR_syn < DCR_holdout), ½ is healthy)}.
   """
@@ -322,7 +345,9 @@ def dcr_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
   d_syn_to_hold = syn_hold.distance[:, 0]
   n_s, n_t, n_h = len(d_syn), len(train), len(holdout)
   ties = int(np.sum(d_syn == d_syn_to_hold))
-  closer = int(np.sum(d_syn <= d_syn_to_hold))
+  is_train = d_syn <= d_syn_to_hold
+  closer = int(np.sum(is_train))
+  nearest_real = np.where(is_train, syn_train.index[:, 0], n_t + syn_hold.index[:, 0])
   expected = n_t / (n_t + n_h)
   mw = scipy.stats.mannwhitneyu(d_syn, d_hold, alternative="less", method="asymptotic")
   return {"metric": metric, "n_synthetic": n_s, "n_train": int(n_t), "n_holdout": int(n_h),
@@ -330,8 +355,8 @@ def dcr_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
           "nndr_synthetic": _describe(nndr(syn_train)), "nndr_holdout": _describe(nndr(hold_train)),
           "closer_to_train_share": closer / n_s, "n_closer_to_train": closer, "n_ties": ties,
           "expected_share": expected,
-          "share_p_value": float(scipy.stats.binomtest(closer, n_s, expected,
-                                                       alternative="greater").pvalue),
+          "share_p_value": closer_to_train_p_value(nearest_real, n_t, n_h, n_perm, seed),
+          "share_test": f"permutation of the train / holdout labels ({n_perm} draws)",
           "mann_whitney_u": float(mw.statistic), "mann_whitney_p": float(mw.pvalue),
           "prob_synthetic_closer": 1.0 - float(mw.statistic) / (n_s * len(d_hold))}
 
