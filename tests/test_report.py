@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from synthmri_jax import report, stages
+from synthmri_jax.report import document as report_doc
 from synthmri_jax.data import loader, prepare
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation.synthetic_cohort import write_cohort_folder
@@ -112,7 +113,7 @@ def _write_jsons(workdir, prepared):
                                                                             "n_pairs": 15, "n_volumes": 6}}}}},
   })
   fig_rel = os.path.join("evaluation", "figures", "privacy_pair_00.png")
-  fig = report._figure(2, 2)
+  fig = report_doc.figure(2, 2)
   fig.subplots().imshow(np.eye(4))
   with io.atomic_path(os.path.join(workdir, fig_rel), suffix=".png") as tmp:
     fig.savefig(tmp, format="png")
@@ -251,7 +252,7 @@ def test_html_is_self_contained(full_workdir):
 
 def test_atomic_and_rerun_replaces_stale_figures(full_workdir):
   config, workdir, _ = full_workdir
-  stale = os.path.join(workdir, report.FIGURES_DIR, "old.png")
+  stale = os.path.join(workdir, report_doc.FIGURES_DIR, "old.png")
   with open(stale, "wb") as f:
     f.write(b"x")
   report.run(config, workdir)
