@@ -14,7 +14,7 @@ import pytest
 from synthmri_jax.data import loader, nifti, prepare
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation import config as config_lib
-from synthmri_jax.evaluation import codec_check, stage, tstr
+from synthmri_jax.evaluation import arms, codec_check, feature_weights, stage, tstr
 from synthmri_jax.evaluation.synthetic_cohort import (SyntheticCohortError, load_synthetic_cohort,
                                                       write_cohort_folder)
 
@@ -180,7 +180,7 @@ def test_rerun_skips_finished_runs_and_user_extractor(copy_study, tmp_path):
   bad = tmp_path / "weights.msgpack"
   bad.write_bytes(b"not a msgpack file")
   config.evaluate.feature_weights = str(bad)
-  with pytest.raises(tstr.FeatureWeightsError, match="weights.msgpack"):
+  with pytest.raises(feature_weights.FeatureWeightsError, match="weights.msgpack"):
     stage.run_evaluate(config, workdir)
 
 
@@ -316,11 +316,11 @@ def test_bad_folders_name_the_problem(prepared_workdir, tmp_path):
 def test_subsample_is_stratified_subject_level():
   table = pd.DataFrame({"participant_id": [f"p{i // 2}" for i in range(40)],   # 2 sessions each
                         "label_index": [(i // 2) % 2 for i in range(40)]})
-  idx = tstr.subsample_real(table, 0.01, seed=3)
+  idx = arms.subsample_real(table, 0.01, seed=3)
   chosen = table.iloc[idx]
   assert sorted(chosen["label_index"].unique()) == [0, 1]
   assert chosen.groupby("participant_id").size().eq(2).all() and chosen["participant_id"].nunique() == 2
-  idx10 = tstr.subsample_real(table, 0.5, seed=3)
+  idx10 = arms.subsample_real(table, 0.5, seed=3)
   assert table.iloc[idx10]["participant_id"].nunique() == 10
-  assert not np.array_equal(idx10, tstr.subsample_real(table, 0.5, seed=4))
-  assert len(tstr.subsample_real(table, 1.0, seed=0)) == 40
+  assert not np.array_equal(idx10, arms.subsample_real(table, 0.5, seed=4))
+  assert len(arms.subsample_real(table, 1.0, seed=0)) == 40

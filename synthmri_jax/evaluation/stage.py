@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from synthmri_jax.data.cache import load_prepared
-from synthmri_jax.evaluation import clinical
+from synthmri_jax.evaluation import arms, clinical
 from synthmri_jax.evaluation import codec_check
 from synthmri_jax.evaluation import config as config_lib
 from synthmri_jax.evaluation import privacy
@@ -51,7 +51,7 @@ def codec_cohort(config, workdir: str):
   """The CODEC arm's training set (real train scans through the sampler's decoding path), or None
   when evaluate.arms has no CODEC."""
   ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
-  if not any(a.name == "CODEC" for a in tstr.plan_arms(ev)):
+  if not any(a.name == "CODEC" for a in arms.plan_arms(ev)):
     return None
   from synthmri_jax.training.tasks import ldm as ldm_lib  # heavy; only with a CODEC arm
 

@@ -1,18 +1,12 @@
 """The utility study: TRTR / TSTR / augmentation arms, AUC with intervals, paired ΔAUC, Dice, fidelity.
 
 Arms (every one tested on the SAME real test split, which no generator or classifier saw):
-  TRTR       the real train split
-  TSTR       the synthetic cohort only
-  AUG_<f>    a stratified, subject-level subsample of a fraction f of the real train split
-             (at least one subject per class) plus the whole synthetic cohort (MediSyn's
-             data-limited setting; f = 1 is all real + synthetic)
-  REAL_<f>   the same real subsample alone (evaluate.real_only_baselines), the baseline an
-             AUG_<f> arm must beat for augmentation to help
+TRTR, TSTR, CODEC, AUG_<f>, REAL_<f> (evaluation/arms.py says what each trains on).
 Each arm is trained with `evaluate.seeds` seeds (seed k: init, data order, augmentation and the
 real subsample), with the same classifier and the same number of steps, so arms differ in their
 training data only. Per arm and seed: ROC-AUC with a class-stratified bootstrap interval
 (evaluation.stats); per arm: mean ± SD over seeds, and the AUC of the seed-averaged scores with
-its interval. Comparisons (TSTR − TRTR, AUG_f − REAL_f, AUG_1 − TRTR) are paired on the test
+its interval. Comparisons (TSTR − TRTR, CODEC − TRTR, AUG_f − REAL_f, AUG_1 − TRTR) are paired on the test
 subjects (stats.paired_delta_auc): per seed, and on the seed-averaged scores.
 
 With masks in the real cohort (and in the synthetic one), the segmentation U-Net is trained on
@@ -43,21 +37,19 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
-import flax.serialization
 import jax
 import ml_collections
 import numpy as np
-import pandas as pd
 import scipy.stats
 
-from synthmri_jax.data import cohort, loader
+from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.evaluation import config as config_lib
-from synthmri_jax.evaluation import fidelity, stats
+from synthmri_jax.evaluation import feature_weights, fidelity, stats
+from synthmri_jax.evaluation.arms import Arm, Concat, Subset, fraction_name, plan_arms, subsample_real
 from synthmri_jax.evaluation.synthetic_cohort import SyntheticCohort
 from synthmri_jax.models import classifier as classifier_lib
 from synthmri_jax.models import segmenter as segmenter_lib
-from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
 from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
@@ -68,95 +60,12 @@ from synthmri_jax.utils.errors import UserInputError
 
 SCHEMA = "synthmri_jax.evaluation/1"
 RUN_VERSION = 1
-ARM_KINDS = ("TRTR", "TSTR", "AUG", "CODEC")
 EXTRACTOR = "trtr_classifier"
 
 
-class FeatureWeightsError(UserInputError, ValueError):
-  """evaluate.feature_weights cannot be used; the message names the file."""
 
 
-# ------------------------------------------------------------------------------ arms and data
-
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-  name: str
-  real_fraction: float     # share of the real train split's subjects (0: none)
-  synthetic: bool          # whether the synthetic cohort is in the training set
-  codec: bool = False      # trained on the real train split's codec round trips (the TSTR ceiling)
-
-
-def _fraction_name(f: float) -> str:
-  return f"{f:g}"
-
-
-def plan_arms(ev) -> list[Arm]:
-  """The arms of evaluate.arms, TRTR always first (it is every comparison's reference)."""
-  kinds = cohort.as_list(ev.arms)
-  unknown = [k for k in kinds if k not in ARM_KINDS]
-  if unknown:
-    raise ValueError(f"evaluate.arms: unknown arm(s) {unknown}; known: {', '.join(ARM_KINDS)}")
-  fractions = sorted({float(f) for f in ev.real_fractions})
-  if any(not 0.0 < f <= 1.0 for f in fractions):
-    raise ValueError(f"evaluate.real_fractions must be in (0, 1], got {list(ev.real_fractions)}")
-  arms = [Arm("TRTR", 1.0, False)]
-  if "TSTR" in kinds:
-    arms.append(Arm("TSTR", 0.0, True))
-  if "CODEC" in kinds:
-    arms.append(Arm("CODEC", 0.0, False, codec=True))
-  if "AUG" in kinds:
-    arms += [Arm(f"AUG_{_fraction_name(f)}", f, True) for f in fractions]
-    if ev.real_only_baselines:
-      arms += [Arm(f"REAL_{_fraction_name(f)}", f, False) for f in fractions if f < 1.0]
-  return arms
-
-
-def subsample_real(table: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
-  """Row indices of a subject-level, label-stratified subsample: round(fraction * n_k) subjects of
-  each class k (at least one), drawn with a generator seeded by (seed, fraction)."""
-  if fraction >= 1.0:
-    return np.arange(len(table))
-  label_of = table.groupby("participant_id")["label_index"].agg(lambda s: int(s.value_counts().sort_index().idxmax()))
-  rng = np.random.default_rng([int(seed), int(round(fraction * 1e6))])
-  chosen: list[str] = []
-  for k in sorted(set(label_of.tolist())):
-    members = sorted(label_of.index[label_of == k].tolist())
-    n = max(1, int(round(fraction * len(members))))
-    chosen += [members[i] for i in rng.choice(len(members), size=n, replace=False)]
-  return np.flatnonzero(table["participant_id"].isin(chosen).to_numpy())
-
-
-class Subset:
-  """Rows `indices` of a source, keeping only `keys`."""
-
-  def __init__(self, source: loader.Source, indices: Sequence[int], keys: Sequence[str]):
-    self.source, self.indices, self.keys = source, np.asarray(indices, int), tuple(keys)
-    if len(self.indices) == 0:
-      raise ValueError(f"empty subset of {source!r}")
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    element = self.source[int(self.indices[i])]
-    return {k: element[k] for k in self.keys}
-
-
-class Concat:
-  """Sources one after the other (real subsample, then synthetic)."""
-
-  def __init__(self, sources: Sequence[loader.Source]):
-    self.sources = [s for s in sources if s is not None and len(s)]
-    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
-
-  def __len__(self) -> int:
-    return int(self.offsets[-1])
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    j = int(np.searchsorted(self.offsets, i, side="right") - 1)
-    return self.sources[j][int(i - self.offsets[j])]
-
+# ------------------------------------------------------------------------------ data
 
 class _Volumes:
   """Lazy (X, Y, Z) volumes of one channel of a source, for the pairwise MS-SSIM."""
@@ -200,15 +109,8 @@ def _train_block(train_cfg, mesh_cfg, seed: int) -> ml_collections.ConfigDict:
   return c
 
 
-def _variables_from_ckpt(directory: str) -> dict[str, Any]:
-  """{'params': (EMA if kept) params, **model_state} from the last checkpoint in a trainer's checkpoint dir."""
-  _, v = ckpt_lib.load_variables(directory)
-  params = ckpt_lib.eval_params(v)
-  return {"params": params, **(v.get("model_state") or {})}
-
-
 def _variables_from_run(run_dir: str) -> dict[str, Any]:
-  return _variables_from_ckpt(os.path.join(run_dir, "checkpoints"))
+  return feature_weights.variables_from_checkpoint(os.path.join(run_dir, "checkpoints"))
 
 
 def _bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0) -> dict[str, Any]:
@@ -584,7 +486,7 @@ class Study:
     pairs += [(a, "TRTR") for a in ("TSTR", "CODEC") if a in names]
     for a in arms:
       if a.name.startswith("AUG_"):
-        base = f"REAL_{_fraction_name(a.real_fraction)}"
+        base = f"REAL_{fraction_name(a.real_fraction)}"
         pairs.append((a.name, base if base in names else "TRTR"))
         if base in names:
           pairs.append((a.name, "TRTR"))
@@ -707,66 +609,15 @@ class Study:
   def _user_extractor(self):
     path = os.path.abspath(os.path.expanduser(str(self.ev.feature_weights)))
     name = str(self.ev.feature_name) or os.path.basename(path.rstrip("/")).split(".")[0]
-    variables = load_feature_weights(path)
+    variables = feature_weights.load(path)
     head = variables["params"].get("head", {}).get("kernel")
     num_classes = int(np.shape(head)[-1]) if head is not None else len(self.labels)
     model_cfg = self.cls.model.to_dict()
     model_cfg.update(self.ev.feature_model.to_dict())
     model = classifier_lib.from_config(ml_collections.ConfigDict(model_cfg), num_classes)
     task = ClassifierTask(model=model, name=f"extractor {name}")
-    check_weights(path, task, variables, self.real.shape + (len(self.real.channels),))
+    feature_weights.check(path, task, variables, self.real.shape + (len(self.real.channels),))
     return name, task, variables
-
-
-# ------------------------------------------------------------------------------ user feature weights
-
-
-def load_feature_weights(path: str) -> dict[str, Any]:
-  """{'params': ..., **model_state} from a local checkpoint directory (this project's trainer), a
-  flax msgpack file (flax.serialization.to_bytes of {'params': ...}) or an .npz of 'params/a/b'
-  keys. Never downloads; any failure is a FeatureWeightsError naming the file."""
-  if not os.path.exists(path):
-    raise FeatureWeightsError(f"{path}: evaluate.feature_weights file not found (a local file or checkpoint "
-                              "directory is needed; nothing is downloaded)")
-  try:
-    if os.path.isdir(path):
-      sub = os.path.join(path, "checkpoints")
-      return _variables_from_ckpt(sub if os.path.isdir(sub) else path)
-    if path.endswith(".npz"):
-      tree: dict[str, Any] = {}
-      with np.load(path, allow_pickle=False) as z:
-        for key in z.files:
-          node = tree
-          parts = key.split("/")
-          for p in parts[:-1]:
-            node = node.setdefault(p, {})
-          node[parts[-1]] = np.asarray(z[key])
-    else:
-      with open(path, "rb") as f:
-        tree = flax.serialization.msgpack_restore(f.read())
-  except FeatureWeightsError:
-    raise
-  except Exception as e:
-    raise FeatureWeightsError(f"{path}: cannot load feature extractor weights ({type(e).__name__}: {e})") from None
-  if not isinstance(tree, dict) or not tree:
-    raise FeatureWeightsError(f"{path}: no parameters found")
-  return tree if "params" in tree else {"params": tree}
-
-
-def check_weights(path: str, task: ClassifierTask, variables: dict[str, Any], image_shape: tuple[int, ...]) -> None:
-  """Every parameter of the extractor architecture present with the right shape, or an error naming the file."""
-  abstract = jax.eval_shape(lambda: task.model.init(jax.random.key(0), np.zeros((1,) + tuple(image_shape), np.float32)))
-  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
-      jax.tree.map(lambda b: getattr(b, "value", b), abstract["params"],
-                   is_leaf=lambda b: hasattr(b, "value") and hasattr(b, "names")))}
-  got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(variables["params"])}
-  problems = [f"{k}: missing" for k in want if k not in got]
-  problems += [f"{k}: shape {got[k]} != {want[k]}" for k in want if k in got and got[k] != want[k]]
-  problems += [f"{k}: not in the architecture" for k in got if k not in want]
-  if problems:
-    raise FeatureWeightsError(
-        f"{path}: weights do not fit the extractor architecture (classifier.model overlaid with "
-        f"evaluate.feature_model): {len(problems)} problem(s), e.g. " + "; ".join(problems[:5]))
 
 
 # ------------------------------------------------------------------------------ the table
