@@ -568,6 +568,92 @@ def _window_means(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
 # ------------------------------------------------------------------------------ the loop
 
 
+def _dp_setup(cfg, train_iter, dp_sampling: Optional[loader_lib.PoissonSampling], name: str):
+  """(DPStep, dp.json record, sampler) of a DP run, or (None, None, dp_sampling) without DP."""
+  if not cfg.dp.enabled:
+    return None, None, dp_sampling
+  dp_sampling = dp_sampling if dp_sampling is not None else getattr(train_iter, "poisson_sampling", None)
+  if dp_sampling is None:
+    raise ValueError(f"[{name}] config.train.dp.enabled needs Poisson-sampled batches (what the accountant "
+                     "assumes): build the iterator with trainer.train_iterator(config, ...) or "
+                     "loader.poisson_train_iterator, or pass dp_sampling=")
+  dp_step, dp_record = resolve_dp(cfg, dp_sampling, name)
+  return dp_step, dp_record, dp_sampling
+
+
+def _check_dp_batch(first: dict[str, jax.Array], sampling: loader_lib.PoissonSampling, name: str) -> None:
+  rows = int(next(iter(first.values())).shape[0])
+  if rows != sampling.max_batch_size or "valid" not in first:
+    raise ValueError(f"[{name}] DP batches must be the sampler's padded {sampling.max_batch_size} rows "
+                     f"with a 'valid' mask; got {rows} rows{'' if 'valid' in first else ' and no valid mask'}")
+
+
+def _announce_dp(say: Callable[[str], None], name: str, workdir: str, dp_step: DPStep, dp_record: dict[str, Any],
+                 sampling: loader_lib.PoissonSampling, total: int, has_model_state: bool) -> dict[str, Any]:
+  """Writes the planned dp.json (complete=False), says the budget, warns on a costly truncation."""
+  planned = dp_record_for_steps(dp_record, sampling, total)
+  write_dp_record(workdir, dict(planned, complete=False))
+  eps = planned["epsilon_pld"]
+  say(f"DP-SGD: clip {dp_step.l2_clip:g}, noise multiplier {dp_step.noise_multiplier:.4g} ({planned['noise_source']}), "
+      f"q {sampling.q:.4g} (expected batch {sampling.expected_batch_size} of {sampling.dataset_size}, "
+      f"padded to {sampling.max_batch_size}), delta {planned['delta']:.3g}: epsilon after {total} steps "
+      + ("inf (no noise: not private)" if eps is None else f"{eps:.4g} (PLD), {planned['epsilon_rdp']:.4g} (RDP)"))
+  if has_model_state:
+    say("DP-SGD: the task's model_state is kept fixed (not updated from private batches)")
+  if planned["delta_truncation"] is not None and planned["delta_truncation"] > 0.01 * planned["delta"]:
+    warnings.warn(f"[{name}] Poisson batches truncated at {sampling.max_batch_size} add up to "
+                  f"{planned['delta_truncation']:.3g} to delta = {planned['delta']:.3g}: lower "
+                  "train.dp.overflow_tolerance or raise train.dp.max_batch_size", RuntimeWarning, stacklevel=3)
+  return planned
+
+
+def _check_skips(metrics: dict[str, Any], max_consecutive: int, name: str, ckpt_dir: str) -> None:
+  if max_consecutive > 0 and int(metrics["consecutive_skips"]) >= max_consecutive:
+    raise NonFiniteError(
+        f"[{name}] {int(metrics['consecutive_skips'])} train steps in a row had a non-finite loss, "
+        f"gradient or model state (train.max_consecutive_skips={max_consecutive}); their "
+        f"updates were skipped, so params are those of the last finite step ({int(metrics['total_skips'])} "
+        f"skipped in total). Lower train.lr, enable train.clip_norm, or check the data / loss for "
+        f"NaN/Inf. Checkpoints in {ckpt_dir} hold only finite states.")
+
+
+def _log_train(writer: "SummaryWriter", say: Callable[[str], None], step: int, total: int,
+               means: dict[str, float]) -> None:
+  writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
+  writer.flush()
+  eta = (total - step) / max(means["steps_per_s"], 1e-9)
+  say(f"step {step}/{total} loss {means['loss']:.4g} grad_norm {means['grad_norm']:.3g} "
+      f"lr {means['lr']:.3g} | {means['steps_per_s']:.2f} steps/s ETA {durations.short(eta)}"
+      + (f" | skipped {int(means['total_skips'])}" if means["total_skips"] else ""))
+
+
+def _evaluate(state: TrainState, step: int, eval_iter_fn, p_eval, summaries, bsh, writer: "SummaryWriter",
+              say: Callable[[str], None], on_log) -> None:
+  """task.evaluate over eval_iter_fn's batches (on the EMA params if kept) and task.summaries of its first batch."""
+  if eval_iter_fn is None or (p_eval is None and summaries is None):
+    return
+  t0 = time.time()
+  outputs, first_batch = [], None
+  for b in eval_iter_fn():
+    gb = shard_batch(b, bsh)
+    if first_batch is None:
+      first_batch = gb
+    if p_eval is None:
+      break
+    outputs.append(p_eval(state.eval_params, state.model_state, gb))
+  result = {f"eval/{k}": v for k, v in _reduce_eval(jax.device_get(outputs)).items()}
+  if summaries is not None and first_batch is not None:
+    writer.images(step, {f"summaries/{k}": v for k, v in
+                         summaries(state.eval_params, state.model_state, first_batch).items()})
+  if result:
+    writer.scalars(step, result)
+    say(f"eval step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(result.items()))
+        + f" ({time.time() - t0:.1f}s)")
+    if on_log is not None:
+      on_log(step, result)
+  writer.flush()
+
+
 def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[str, np.ndarray]],
           eval_iter_fn: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None, *,
           mesh: Optional[jax.sharding.Mesh] = None, init_from: Optional[str] = None,
@@ -589,14 +675,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
     `.poisson_sampling`, set by loader.poisson_train_iterator); WORKDIR/dp.json records epsilon.
   """
   cfg = optim.train_config(config)
-  dp_step, dp_record = None, None
-  if cfg.dp.enabled:
-    dp_sampling = dp_sampling if dp_sampling is not None else getattr(train_iter, "poisson_sampling", None)
-    if dp_sampling is None:
-      raise ValueError(f"[{task.name}] config.train.dp.enabled needs Poisson-sampled batches (what the accountant "
-                       "assumes): build the iterator with trainer.train_iterator(config, ...) or "
-                       "loader.poisson_train_iterator, or pass dp_sampling=")
-    dp_step, dp_record = resolve_dp(cfg, dp_sampling, task.name)
+  dp_step, dp_record, dp_sampling = _dp_setup(cfg, train_iter, dp_sampling, task.name)
   mesh = mesh_lib.mesh_from_config(config) if mesh is None else mesh
   is_main = jax.process_index() == 0
   say = (lambda msg: print(f"[{task.name}] {msg}", flush=True)) if is_main else (lambda msg: None)
@@ -607,10 +686,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
   it: Iterator = iter(train_iter)
   first = shard_batch(next(it), bsh)
   if dp_step is not None:
-    rows = int(next(iter(first.values())).shape[0])
-    if rows != dp_sampling.max_batch_size or "valid" not in first:
-      raise ValueError(f"[{task.name}] DP batches must be the sampler's padded {dp_sampling.max_batch_size} rows "
-                       f"with a 'valid' mask; got {rows} rows{'' if 'valid' in first else ' and no valid mask'}")
+    _check_dp_batch(first, dp_sampling, task.name)
   init_fn, abstract_state, state_sh, tx = build_state(task, cfg, mesh, first)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
   writer = SummaryWriter(os.path.join(workdir, "tb"), enabled=is_main)
@@ -634,19 +710,8 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
     say(f"{n_params:,} params, mesh {dict(mesh.shape)}, steps {start}->{total}, "
         f"grad_accum {cfg.grad_accum}, compute {cfg.compute_dtype}")
     if dp_step is not None:
-      planned = dp_record_for_steps(dp_record, dp_sampling, total)
-      write_dp_record(workdir, dict(planned, complete=False))
-      eps = planned["epsilon_pld"]
-      say(f"DP-SGD: clip {dp_step.l2_clip:g}, noise multiplier {dp_step.noise_multiplier:.4g} ({planned['noise_source']}), "
-          f"q {dp_sampling.q:.4g} (expected batch {dp_sampling.expected_batch_size} of {dp_sampling.dataset_size}, "
-          f"padded to {dp_sampling.max_batch_size}), delta {planned['delta']:.3g}: epsilon after {total} steps "
-          + ("inf (no noise: not private)" if eps is None else f"{eps:.4g} (PLD), {planned['epsilon_rdp']:.4g} (RDP)"))
-      if jax.tree.leaves(abstract_state.model_state):
-        say("DP-SGD: the task's model_state is kept fixed (not updated from private batches)")
-      if planned["delta_truncation"] is not None and planned["delta_truncation"] > 0.01 * planned["delta"]:
-        warnings.warn(f"[{task.name}] Poisson batches truncated at {dp_sampling.max_batch_size} add up to "
-                      f"{planned['delta_truncation']:.3g} to delta = {planned['delta']:.3g}: lower "
-                      "train.dp.overflow_tolerance or raise train.dp.max_batch_size", RuntimeWarning, stacklevel=2)
+      planned = _announce_dp(say, task.name, workdir, dp_step, dp_record, dp_sampling, total,
+                             bool(jax.tree.leaves(abstract_state.model_state)))
 
     evaluate, summaries = task_lib.evaluate_fn(task), task_lib.summaries_fn(task)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
@@ -657,37 +722,9 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
         p_eval = jax.jit(evaluate, in_shardings=(state_sh.params, state_sh.model_state, bsh), out_shardings=rep)
 
       def run_eval(step: int) -> None:
-        if eval_iter_fn is None or (p_eval is None and summaries is None):
-          return
-        t0 = time.time()
-        outputs, first_batch = [], None
-        for b in eval_iter_fn():
-          gb = shard_batch(b, bsh)
-          if first_batch is None:
-            first_batch = gb
-          if p_eval is None:
-            break
-          outputs.append(p_eval(state.eval_params, state.model_state, gb))
-        result = {f"eval/{k}": v for k, v in _reduce_eval(jax.device_get(outputs)).items()}
-        if summaries is not None and first_batch is not None:
-          writer.images(step, {f"summaries/{k}": v for k, v in
-                               summaries(state.eval_params, state.model_state, first_batch).items()})
-        if result:
-          writer.scalars(step, result)
-          say(f"eval step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in sorted(result.items()))
-              + f" ({time.time() - t0:.1f}s)")
-          if on_log is not None and is_main:
-            on_log(step, result)
-        writer.flush()
+        _evaluate(state, step, eval_iter_fn, p_eval, summaries, bsh, writer, say, on_log if is_main else None)
 
-      def check_skips(metrics) -> None:
-        if cfg.max_consecutive_skips > 0 and int(metrics["consecutive_skips"]) >= cfg.max_consecutive_skips:
-          raise NonFiniteError(
-              f"[{task.name}] {int(metrics['consecutive_skips'])} train steps in a row had a non-finite loss, "
-              f"gradient or model state (train.max_consecutive_skips={cfg.max_consecutive_skips}); their "
-              f"updates were skipped, so params are those of the last finite step ({int(metrics['total_skips'])} "
-              f"skipped in total). Lower train.lr, enable train.clip_norm, or check the data / loss for "
-              f"NaN/Inf. Checkpoints in {ckpt.directory} hold only finite states.")
+      check_skips = lambda metrics: _check_skips(metrics, cfg.max_consecutive_skips, task.name, ckpt.directory)
 
       # DP: the noise (and every per-example key) comes from the run's secret, not the seeded state.rng.
       run_key = (dp_secret.load_or_create(workdir).noise_key() if dp_step is not None
@@ -714,16 +751,9 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
 
         if step % cfg.log_every == 0 or step == total:
           means = _window_means(jax.device_get(window))
-          window = []
-          dt = time.time() - t_window
-          means["steps_per_s"] = steps_in_window / max(dt, 1e-9)
-          t_window, steps_in_window = time.time(), 0
-          writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
-          writer.flush()
-          eta = (total - step) / max(means["steps_per_s"], 1e-9)
-          say(f"step {step}/{total} loss {means['loss']:.4g} grad_norm {means['grad_norm']:.3g} "
-              f"lr {means['lr']:.3g} | {means['steps_per_s']:.2f} steps/s ETA {durations.short(eta)}"
-              + (f" | skipped {int(means['total_skips'])}" if means["total_skips"] else ""))
+          means["steps_per_s"] = steps_in_window / max(time.time() - t_window, 1e-9)
+          window, t_window, steps_in_window = [], time.time(), 0
+          _log_train(writer, say, step, total, means)
           if on_log is not None and is_main:
             on_log(step, means)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
