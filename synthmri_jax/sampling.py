@@ -427,6 +427,66 @@ def paired_samples(config, workdir: str, num_pairs: int, case: str, control: str
   return out
 
 
+def _timing(t_sample: list[float], t_decode: list[float]) -> dict[str, Any]:
+  """Median per-volume sampling / decoding seconds over the batches after the first (which compiles)."""
+  steady_s = t_sample[1:] if len(t_sample) > 1 else t_sample
+  steady_d = t_decode[1:] if len(t_decode) > 1 else t_decode
+  return {"sampling_s_per_volume": float(np.median(steady_s)) if steady_s else None,
+          "decoding_s_per_volume": float(np.median(steady_d)) if steady_d else None,
+          "first_batch_s_per_volume": t_sample[0] + t_decode[0] if t_sample else None}
+
+
+def _dataset_description(config, what: str, codec_description: str, step: int) -> dict[str, Any]:
+  """The cohort's BIDS dataset_description.json: a derivative, with what generated it."""
+  return {
+      "Name": "synthmri_jax synthetic cohort",
+      "BIDSVersion": "1.9.0",
+      "DatasetType": "derivative",
+      "GeneratedBy": [{
+          "Name": "synthmri_jax",
+          "Version": synthmri_jax.__version__,
+          "Description": (f"conditional 3D latent DDPM, {what}, classifier-free guidance "
+                          f"{float(config.sample.guidance_scale):g}; decoded by the {codec_description}"),
+          "CheckpointStep": int(step),
+          "ConfigHash": workdir_lib.config_hash(config),
+      }],
+  }
+
+
+def _reject_copies(config, workdir: str, rows: np.ndarray, x: np.ndarray, generate: Callable[[np.ndarray], np.ndarray],
+                   seeds: np.ndarray, pids: Sequence[str], reseeded: dict[int, int], rejections: dict[str, Any],
+                   log: Callable[[str], None]) -> np.ndarray:
+  """Regenerates (new seed, same attributes) every subject the privacy copy check flags, until
+  none is flagged or sample.reject_max_attempts is spent (then a UserInputError). Updates seeds,
+  reseeded and rejections in place (the sample state records them for an exact resume)."""
+  from synthmri_jax.evaluation import privacy   # builds the privacy encoder on first use
+  max_attempts = int(config.sample.reject_max_attempts)
+  x = x.copy()
+  todo = np.arange(len(rows))
+  for attempt in range(1, max_attempts + 1):
+    flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+    hit = todo[np.asarray(flags["is_copy"], bool)]
+    for j in hit:
+      k = list(todo).index(j)
+      rejections["count"] += 1
+      rejections["subjects"].append({"participant_id": pids[rows[j]], "attempt": attempt,
+                                     "score": float(flags["score"][k]), "measure": str(flags["measure"][k])})
+      seeds[rows[j]] = retry_seed(int(seeds[rows[j]]), attempt)
+      reseeded[int(rows[j])] = int(seeds[rows[j]])
+    if not len(hit):
+      return x
+    log(f"sample: {len(hit)} generated subject(s) flagged as copies of training scans, regenerating "
+        f"(attempt {attempt})")
+    x[hit] = generate(rows[hit])
+    todo = hit
+  flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+  if np.any(flags["is_copy"]):
+    bad = [pids[rows[j]] for j in todo[np.asarray(flags["is_copy"], bool)]]
+    raise UserInputError(f"sample.reject_copies: {bad} still flagged as copies after {max_attempts} "
+                         "regenerations; the LDM memorises these subjects (train with DP, train.dp, or fewer steps)")
+  return x
+
+
 def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = None,
                on_progress: Optional[Callable[[int, int], None]] = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -490,35 +550,6 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
     clock["decode"] += time.time() - t
     return x
 
-  def reject_copies(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Regenerates (new seed, same attributes) every subject the privacy copy check flags, until
-    none is flagged or sample.reject_max_attempts is spent (then a UserInputError)."""
-    from synthmri_jax.evaluation import privacy   # builds the privacy encoder on first use
-    x = x.copy()
-    todo = np.arange(len(rows))
-    for attempt in range(1, int(s.reject_max_attempts) + 1):
-      flags = privacy.flag_generated(config, workdir, x[todo], log=log)
-      hit = todo[np.asarray(flags["is_copy"], bool)]
-      for j in hit:
-        k = list(todo).index(j)
-        rejections["count"] += 1
-        rejections["subjects"].append({"participant_id": pids[rows[j]], "attempt": attempt,
-                                       "score": float(flags["score"][k]), "measure": str(flags["measure"][k])})
-        plan["seed"][rows[j]] = retry_seed(int(plan["seed"][rows[j]]), attempt)
-        reseeded[int(rows[j])] = int(plan["seed"][rows[j]])
-      if not len(hit):
-        return x
-      log(f"sample: {len(hit)} generated subject(s) flagged as copies of training scans, regenerating "
-          f"(attempt {attempt})")
-      x[hit] = generate(rows[hit])
-      todo = hit
-    flags = privacy.flag_generated(config, workdir, x[todo], log=log)
-    if np.any(flags["is_copy"]):
-      bad = [pids[rows[j]] for j in todo[np.asarray(flags["is_copy"], bool)]]
-      raise UserInputError(f"sample.reject_copies: {bad} still flagged as copies after {int(s.reject_max_attempts)} "
-                           "regenerations; the LDM memorises these subjects (train with DP, train.dp, or fewer steps)")
-    return x
-
   t_sample, t_decode, per_batch = [], [], []
   t_start = time.time()
   generated = 0
@@ -531,7 +562,8 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
     clock.update(sample=0.0, decode=0.0)
     x = generate(idx)
     if reject:
-      x = reject_copies(idx, x)   # regenerations count in the batch's sampling / decoding time
+      # regenerations count in the batch's sampling / decoding time
+      x = _reject_copies(config, workdir, idx, x, generate, plan["seed"], pids, reseeded, rejections, log)
     if is_main:
       for j, i in enumerate(idx):
         if i in missing:
@@ -552,27 +584,11 @@ def run_sample(config, workdir: str, *, codec: Optional[ldm_lib.LatentCodec] = N
       on_progress(done, n)
 
   table = participants_table(plan, labels, attributes)
-  steady_s = t_sample[1:] if len(t_sample) > 1 else t_sample
-  steady_d = t_decode[1:] if len(t_decode) > 1 else t_decode
-  timing = {"sampling_s_per_volume": float(np.median(steady_s)) if steady_s else None,
-            "decoding_s_per_volume": float(np.median(steady_d)) if steady_d else None,
-            "first_batch_s_per_volume": t_sample[0] + t_decode[0] if t_sample else None}
+  timing = _timing(t_sample, t_decode)
   if is_main:
     io.write_text_atomic(os.path.join(out_dir, "participants.tsv"), table.to_csv(sep="\t", index=False))
-    description = {
-        "Name": "synthmri_jax synthetic cohort",
-        "BIDSVersion": "1.9.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": [{
-            "Name": "synthmri_jax",
-            "Version": synthmri_jax.__version__,
-            "Description": (f"conditional 3D latent DDPM, {what}, classifier-free guidance "
-                            f"{float(s.guidance_scale):g}; decoded by the {codec.description}"),
-            "CheckpointStep": int(step),
-            "ConfigHash": workdir_lib.config_hash(config),
-        }],
-    }
-    io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"), description)
+    io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"),
+                         _dataset_description(config, what, codec.description, step))
     state = {"key": key, "complete": True, "num_subjects": n, "checkpoint_step": int(step),
              "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else schedule.num_train_timesteps,
              "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
