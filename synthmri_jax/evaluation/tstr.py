@@ -263,18 +263,16 @@ class Study:
       comp["n_real"] = int(len(idx))
       if arm.real_fraction < 1.0:
         comp["real_participants"] = sorted(set(self.train_table["participant_id"].iloc[idx]))
-    if arm.synthetic:
-      if self.synthetic is None:
-        raise ValueError(f"arm {arm.name} needs a synthetic cohort")
-      syn = self.synthetic.source()
-      parts.append(Subset(syn, np.arange(len(syn)), keys))
-      comp["n_synthetic"] = len(syn)
-    if arm.codec:
-      if self.codec_cohort is None:
-        raise ValueError(f"arm {arm.name} needs the codec round trips of the real train split")
-      rt = self.codec_cohort.source()
-      parts.append(Subset(rt, np.arange(len(rt)), keys))
-      comp["n_codec"] = len(rt)
+    for wanted, cohort, count, what in ((arm.synthetic, self.synthetic, "n_synthetic", "a synthetic cohort"),
+                                        (arm.codec, self.codec_cohort, "n_codec",
+                                         "the codec round trips of the real train split")):
+      if not wanted:
+        continue
+      if cohort is None:
+        raise ValueError(f"arm {arm.name} needs {what}")
+      src = cohort.source()
+      parts.append(Subset(src, np.arange(len(src)), keys))
+      comp[count] = len(src)
     return Concat(parts), comp
 
   def classifier_task(self, arm: str = "", k: int = 0) -> ClassifierTask:
