@@ -304,8 +304,9 @@ class Study:
     bs = int(self.cls.batch_size)
     augment = loader.Augment.from_config(ml_collections.ConfigDict(
         dict(intensity_jitter=float(self.cls.intensity_jitter), flip_axes=self.cls.flip_axes)))
+    decoded = f" + {comp['n_codec']} real encoded -> decoded" if "n_codec" in comp else ""
     self.log(f"[evaluate] {arm.name} seed{k}: training on {comp['n_real']} real + {comp['n_synthetic']} "
-             f"synthetic scans into {run_dir}")
+             f"synthetic{decoded} scans into {run_dir}")
     train_cfg = _train_block(self.cls.train, self.mesh_cfg, seed)
     # Poisson-sampled batches when classifier.train.dp is enabled (DP-SGD on the real arms).
     it = trainer.train_iterator(train_cfg, source, bs, seed, augment=augment, mesh=self.mesh, workdir=run_dir)
