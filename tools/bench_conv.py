@@ -1,6 +1,6 @@
 """Per-convolution timings: XLA's native 3D conv vs synthmri_jax's CPU formulation.
 
-  python tools/bench_conv.py                   # table, fp32, batch 2, the PERF-NOTES sizes
+  python tools/bench_conv.py                   # table, fp32, batch 2, the default cases (benchmark model convs)
   python tools/bench_conv.py --cases s1_32,tr_64 --rounds 5 --dtype bfloat16
   python tools/bench_conv.py --compare-flags   # cpu impl with / without the YNN flag, A-B interleaved
 

@@ -44,7 +44,10 @@ from typing import Any, Callable
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution,eltwise"
 HUGETLB = "glibc.malloc.hugetlb=1"
-PEAK_BF16_TFLOPS = {"H100": 798.0, "H200": 790.0}   # measured 8192^3 bf16 matmul (PERF-NOTES.md)
+# Peak bf16 TFLOP/s that MFU divides by: an 8192^3 bf16 matmul timed on each chip before this
+# repository had a GPU check (not re-measured here: no GPU lent yet); replace it with a matmul
+# timed on the lent chip once one is lent.
+PEAK_BF16_TFLOPS = {"H100": 798.0, "H200": 790.0}
 MODELS = ("unet", "vqvae")
 DTYPES = ("fp32", "bf16")
 

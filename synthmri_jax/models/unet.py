@@ -23,7 +23,7 @@ models/monai_mirror.load_monai_unet maps weight for weight (tests/test_benchmark
 norms, dense init, the timestep embedding and the attention-kernel choice are layers.py's.
 A grid not divisible by 2^(levels-1) is zero-padded on the way in and cropped on the way out.
 
-Conditioning (the joint MRI + tabular design of seed 003: attributes enter as tokens through
+Conditioning (a joint MRI + tabular design: attributes enter as tokens through
 cross-attention): the class label and each tabular attribute becomes one token of width
 token_dim -- a categorical value through an embedding table, a continuous one (standardised with
 the training split's mean / std) through Fourier features and a 2-layer MLP. Every attribute has
