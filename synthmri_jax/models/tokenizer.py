@@ -584,7 +584,7 @@ def build_tokenizer(tcfg: Any, in_channels: int) -> nn.Module:
   vq = dict(tcfg.vq)
   common = dict(channels=tuple(int(c) for c in m.channels),
                 num_res_blocks=tuple(int(n) for n in layers.per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
-                attention_levels=attention_mask(m.attention_levels, len(m.channels)), num_heads=int(m.num_heads),
+                attention_levels=tuple(m.attention_levels), num_heads=int(m.num_heads),
                 norm_groups=int(m.norm_groups), out_channels=int(in_channels), patch_size=int(m.get("patch_size", 1)),
                 vq=vq, dtype=dtype)
   variant = str(tcfg.variant)
