@@ -15,7 +15,7 @@ from synthmri_jax.utils.config_files import sibling
 
 def get_config() -> ml_collections.ConfigDict:
   c = sibling(__file__, "quickstart").get_config()
-  c.tokenizer.stage_train.main.steps = 400
+  c.tokenizer.phase_train.main.steps = 400
   c.ldm.train.steps = 2000
   c.ldm.train.warmup_steps = 50
   c.ldm.train.checkpoint_every = 500

@@ -5,10 +5,10 @@ On a pod or cluster see docs/SCALING.md and launch/. Every field of configs/quic
 exists here too (this file starts from it and changes sizes, steps and precision).
 """
 
-from synthmri_jax.evaluation.config import classifier_config, evaluate_config
-from synthmri_jax.evaluation.privacy_config import privacy_config
-from synthmri_jax.training.tasks.ldm_config import ldm_config, sample_config
-from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
+from synthmri_jax.config_blocks.evaluate import classifier_config, evaluate_config
+from synthmri_jax.config_blocks.privacy import privacy_config
+from synthmri_jax.config_blocks.ldm import ldm_config, sample_config
+from synthmri_jax.config_blocks.tokenizer import tokenizer_config
 from synthmri_jax.utils.config_files import sibling
 
 

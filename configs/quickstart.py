@@ -6,10 +6,10 @@ Any field can be overridden on the command line, e.g. --config.data.spacing_mm=3
 
 import ml_collections
 
-from synthmri_jax.evaluation.config import classifier_config, evaluate_config
-from synthmri_jax.evaluation.privacy_config import privacy_config
-from synthmri_jax.training.tasks.ldm_config import ldm_config, sample_config
-from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
+from synthmri_jax.config_blocks.evaluate import classifier_config, evaluate_config
+from synthmri_jax.config_blocks.privacy import privacy_config
+from synthmri_jax.config_blocks.ldm import ldm_config, sample_config
+from synthmri_jax.config_blocks.tokenizer import tokenizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.model.attention_levels = (False, False)
   t.loss.perceptual = 0.0
   t.batch_size = 8
-  t.stage_train.main.steps = 160
+  t.phase_train.main.steps = 160
   c.ldm.train.steps = 150
   c.ldm.train.warmup_steps = 10
   c.sample.num_subjects = 64

@@ -10,17 +10,10 @@ from typing import Callable
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils.errors import UserInputError
 
-# name -> "module:function"; the function is called as fn(config, workdir).
+# name -> "module:function": each stage is synthmri_jax/pipeline/<name>.py's run(config, workdir).
 # Imported lazily so that `prepare` never pays for building models.
-STAGES: dict[str, str] = {
-    "prepare": "synthmri_jax.data.prepare:run",
-    "tokenizer": "synthmri_jax.training.tasks.tokenizer_stage:run",
-    "ldm": "synthmri_jax.training.tasks.ldm:run_ldm",
-    "sample": "synthmri_jax.sampling:run_sample",
-    "classify": "synthmri_jax.evaluation.stage:run_classify",
-    "evaluate": "synthmri_jax.evaluation.stage:run_evaluate",
-    "report": "synthmri_jax.report:run",
-}
+STAGES: dict[str, str] = {name: f"synthmri_jax.pipeline.{name}:run" for name in (
+    "prepare", "tokenizer", "ldm", "sample", "classify", "evaluate", "report")}
 
 # The order a full run takes; a stage listed here but not in STAGES is not built yet.
 STAGE_ORDER = ("prepare", "tokenizer", "ldm", "sample", "classify", "evaluate", "report")

@@ -70,6 +70,11 @@ def ldm_dir(workdir: str) -> str:
   return _abs(workdir, "ldm")
 
 
+def latents_dir(workdir: str) -> str:
+  """The LDM's latent cache of the training splits (synthmri_jax.latents)."""
+  return os.path.join(ldm_dir(workdir), "latents")
+
+
 def synthetic_dir(workdir: str) -> str:
   return _abs(workdir, SYNTHETIC_DIR)
 

@@ -56,3 +56,21 @@ def configure_cpu_flags(env=None) -> bool:
     return False
   env["XLA_FLAGS"] = (flags + " " + YNN_FLAG).strip()
   return True
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`, unless the process already has one.
+
+  Every run of the study compiles the same train / eval / predict programs (same shapes, same
+  config; only the data and the seed, which is state, differ), and on CPU compiling is most of
+  a small run's time (measured: 61 s per 60-step toy run without the cache, 7 s with it). The
+  cache is keyed by the program, so a hit is exactly what a fresh compile would produce.
+  JAX reads the setting at its first compile that has a directory set, so this works even after
+  earlier compiles without one; a directory already set (by the user or the entry point) wins.
+  """
+  import jax   # this module is imported before jax is configured; only this function needs it
+
+  if jax.config.jax_compilation_cache_dir:
+    return
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)

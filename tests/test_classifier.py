@@ -13,9 +13,9 @@ from synthmri_jax.models.classifier import ResNet3D
 from synthmri_jax.models.segmenter import UNet3D
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
-from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
+from synthmri_jax.tasks.classifier import ClassifierTask, predict_source
 from synthmri_jax.sharding import unbox
-from synthmri_jax.training.tasks.segmenter import SegmenterTask
+from synthmri_jax.tasks.segmenter import SegmenterTask
 
 SHAPE = (16, 16, 16)
 

@@ -18,6 +18,7 @@ from synthmri_jax.data import loader
 from synthmri_jax.training import dp_accounting as dpa
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import dp_secret, optim, trainer
+from synthmri_jax.training import dp_sgd
 
 N = 8
 
@@ -72,7 +73,7 @@ def test_clipping_bounds_every_example(data, mesh):
   init_fn, _, _, _ = trainer.build_state(task, cfg, mesh, trainer.shard_batch(batch, mesh_lib.batch_sharding(mesh)))
   state = init_fn()
   jb = jax.tree.map(jnp.asarray, batch)
-  per_example = jax.jit(lambda keys, clip: trainer.clipped_example_grads(
+  per_example = jax.jit(lambda keys, clip: dp_sgd.clipped_example_grads(
       task, state.params, state.model_state, jb, keys, jb["valid"], state.step, clip))
   keys = jax.random.split(jax.random.key(0), N)
   raw, (_, _, norm, used) = per_example(keys, 1e9)
@@ -92,7 +93,7 @@ def test_clipping_bounds_every_example(data, mesh):
                                rtol=1e-4, atol=1e-9)
 
   # Through the whole step (noise 0; rows scanned one at a time): the optimizer gets sum(clipped) / B.
-  dp = trainer.DPStep(l2_clip=clip, noise_multiplier=0.0, expected_batch_size=4, microbatch=1)
+  dp = dp_sgd.DPStep(l2_clip=clip, noise_multiplier=0.0, expected_batch_size=4, microbatch=1)
   _, grads = _sgd_stepper(mesh, cfg, batch, dp)
   g, metrics = grads(batch, 0)
   # (same keys: the step folds row i into fold_in(rng, 0))
@@ -115,7 +116,7 @@ def test_no_noise_no_clipping_equals_normal_step(data):
   m = mesh_lib.make_mesh(cfg.mesh)
   bsh, rep = mesh_lib.batch_sharding(m), mesh_lib.replicated(m)
   init_b, _, state_sh, tx = trainer.build_state(task, c, m, trainer.shard_batch(batch, bsh))
-  dp = trainer.DPStep(l2_clip=1e9, noise_multiplier=0.0, expected_batch_size=N, microbatch=3)  # chunks, padded
+  dp = dp_sgd.DPStep(l2_clip=1e9, noise_multiplier=0.0, expected_batch_size=N, microbatch=3)  # chunks, padded
   state_b = init_b()
   run_key = jax.random.wrap_key_data(np.asarray(jax.device_get(state_b.rng)))
   with jax.set_mesh(m), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
@@ -135,7 +136,7 @@ def test_noise_std_matches_formula(data, mesh):
   cfg = optim.train_config(tt.config(clip_norm=0.0))
   clip, sigma, b = 0.5, 1.3, 4
   empty = _batch(data, valid=[0] * N)      # no example sampled: the gradient is pure noise
-  dp = trainer.DPStep(l2_clip=clip, noise_multiplier=sigma, expected_batch_size=b, microbatch=N)  # one vmap
+  dp = dp_sgd.DPStep(l2_clip=clip, noise_multiplier=sigma, expected_batch_size=b, microbatch=N)  # one vmap
   _, grads = _sgd_stepper(mesh, cfg, empty, dp)
   draws = [np.concatenate([x.ravel() for x in jax.tree.leaves(grads(empty, s)[0])]) for s in range(3)]
   z = np.concatenate(draws) / (sigma * clip / b)
@@ -146,7 +147,7 @@ def test_noise_std_matches_formula(data, mesh):
   # With examples, the mean of the noisy gradient is sum(clipped) / B.
   full = _batch(data)
   mean = np.mean([np.concatenate([x.ravel() for x in jax.tree.leaves(grads(full, s)[0])]) for s in range(6)], 0)
-  _, exact = _sgd_stepper(mesh, cfg, full, trainer.DPStep(l2_clip=clip, noise_multiplier=0.0, expected_batch_size=b))
+  _, exact = _sgd_stepper(mesh, cfg, full, dp_sgd.DPStep(l2_clip=clip, noise_multiplier=0.0, expected_batch_size=b))
   # (exact's example keys differ per seed only through the toy loss's unused noise, so any seed works)
   target = np.concatenate([x.ravel() for x in jax.tree.leaves(exact(full, 0)[0])])
   assert np.abs(mean - target).max() < 5 * sigma * clip / b / np.sqrt(6)
@@ -198,7 +199,7 @@ def test_dp_json_records_dataset_epsilon(tmp_path, data):
   it = trainer.train_iterator(cfg, src, b, seed=1, workdir=str(tmp_path))
   logs = []
   state = trainer.train(tt.ToyTask(), cfg, str(tmp_path), it, on_log=lambda s, m: logs.append(m))
-  rec = json.load(open(os.path.join(tmp_path, trainer.DP_FILE)))
+  rec = json.load(open(os.path.join(tmp_path, dp_sgd.DP_FILE)))
   noise = dpa.calibrate_noise(2.0, b, n, steps, 1e-3, "rdp")   # (PLD calibration at small noise takes ~30 s)
   assert rec["complete"] and rec["steps"] == steps == int(state.step) and rec["private"]
   assert rec["noise_multiplier"] == pytest.approx(noise, rel=1e-12)
@@ -249,7 +250,7 @@ def test_dp_randomness_is_secret_per_run_and_resume_stays_exact(tmp_path, data):
         continue
       blob = open(os.path.join(root, name), "rb").read()
       assert not any(n in blob for n in needles), os.path.join(root, name)
-  assert "seed" not in json.load(open(tmp_path / "a" / trainer.DP_FILE))["sampling"]
+  assert "seed" not in json.load(open(tmp_path / "a" / dp_sgd.DP_FILE))["sampling"]
   assert "<secret>" in repr(dp_secret.load_or_create(str(tmp_path / "a")))
 
 

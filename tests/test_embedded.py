@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from synthmri_jax.data import embedded
+from synthmri_jax.data import embedded, mni_template, rois
 
 N = 16
 BASE = dict(num_subjects=N, spacing_mm=4.0, ad_fraction=0.5, ad_effect=1.0, age_range=(55.0, 90.0),
@@ -22,12 +22,12 @@ def _cfg(**over):
 
 
 def _read(root, rel):
-  return embedded.load_ras(os.path.join(root, rel))
+  return rois.load_ras(os.path.join(root, rel))
 
 
 def _measure(root):
   table = pd.read_csv(os.path.join(root, "participants.tsv"), sep="\t")
-  rows = [embedded.measure_rois(*_read(root, p)) for p in table["path"]]
+  rows = [rois.measure_rois(*_read(root, p)) for p in table["path"]]
   return table.join(pd.DataFrame(rows))
 
 
@@ -58,7 +58,7 @@ def test_table(cohorts):
 
 def test_files_clean_and_varied_storage(cohorts):
   t = pd.read_csv(os.path.join(cohorts["ad1"], "participants.tsv"), sep="\t")
-  shape, affine = embedded.output_grid(4.0)
+  shape, affine = mni_template.output_grid(4.0)
   codes, dtypes = set(), set()
   for rel in t["path"]:
     img = nib.load(os.path.join(cohorts["ad1"], rel))
@@ -197,7 +197,7 @@ def test_lesion_masks_sit_on_hyperintense_lesions(cohorts):
       continue
     with_lesion += 1
     assert (image[mask > 0] > 0).all()                       # inside the brain
-    norm = image / embedded.measure_rois(image, affine)["white_matter_level"]
+    norm = image / rois.measure_rois(image, affine)["white_matter_level"]
     bright = norm > 1.3                                      # the enhancing rim
     assert bright.sum() >= 3
     assert (mask[bright] > 0).mean() > 0.8                   # bright voxels are lesion voxels

@@ -29,14 +29,18 @@ import pytest
 from scipy import stats
 
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax import sampling
+from synthmri_jax.generation.attributes import AttributeModel
+from synthmri_jax.generation.generator import Generator
+from synthmri_jax.latents import LatentCodec
+from synthmri_jax.pipeline import ldm as ldm_stage
+from synthmri_jax.pipeline import sample as sample_stage
 from synthmri_jax.data import loader
 from synthmri_jax.diffusion.schedules import make_schedule
 from synthmri_jax.models import unet as U
 from synthmri_jax.training import trainer
 from synthmri_jax.training.checkpoint import load_variables
-from synthmri_jax.training.tasks import ldm as L
-from synthmri_jax.training.tasks.ldm_config import ldm_config, sample_config
+from synthmri_jax.tasks.ldm import LDMTask
+from synthmri_jax.config_blocks.ldm import ldm_config, sample_config
 
 LATENT = (4, 4, 4, 2)
 LABELS = ["CN", "AD"]
@@ -79,14 +83,14 @@ def trained(tmp_path_factory):
   attrs = U.with_stats(ATTRS, data)
   model = tiny_model(attrs)
   schedule = make_schedule("squaredcos_cap_v2", 200)
-  task = L.LDMTask(model, schedule, PRED, dropout_each=0.1, dropout_all=0.15)
+  task = LDMTask(model, schedule, PRED, dropout_each=0.1, dropout_all=0.15)
   it = loader.train_iterator(loader.ArraySource(data), 16, seed=0)
   state = trainer.train(task, train_cfg(), str(tmp_path_factory.mktemp("ldm_toy")), it)
   return dict(data=data, attrs=attrs, model=model, schedule=schedule, params=state.params)
 
 
 def _gen(t, **kw):
-  return sampling.Generator(t["model"], t["schedule"], LATENT,
+  return Generator(t["model"], t["schedule"], LATENT,
                             **{"steps": 25, "batch_size": 32, "prediction_type": PRED, **kw})
 
 
@@ -124,7 +128,7 @@ def test_class_conditional_samples_reproduce_the_class_difference(trained):
 @pytest.mark.slow
 def test_tabular_attributes_follow_training_and_keep_the_image_relation(trained):
   data = trained["data"]
-  model = sampling.AttributeModel.fit(LABELS, data, trained["attrs"], "kde")
+  model = AttributeModel.fit(LABELS, data, trained["attrs"], "kde")
   plan = model.sample(600, seed=3)
   y = plan["label"]
   assert np.bincount(y).tolist() == [300, 300]   # exact training fractions
@@ -153,7 +157,7 @@ def test_tabular_attributes_follow_training_and_keep_the_image_relation(trained)
 # ------------------------------------------------------------------------------ the stages
 
 
-def stand_in_codec() -> L.LatentCodec:
+def stand_in_codec() -> LatentCodec:
   """Tokenizer stand-in for these tests only: 2x average pooling / nearest upsampling."""
 
   def encode(v, x):
@@ -166,7 +170,7 @@ def stand_in_codec() -> L.LatentCodec:
       z = jnp.repeat(z, 2, axis=axis)
     return z
 
-  return L.LatentCodec(encode, decode, {"gain": jnp.float32(3.0)}, key="pool2", description="test stand-in")
+  return LatentCodec(encode, decode, {"gain": jnp.float32(3.0)}, key="pool2", description="test stand-in")
 
 
 def write_prepared(workdir: str, n: int = 24) -> None:
@@ -230,9 +234,9 @@ def stage_run(tmp_path_factory):
   write_prepared(work)
   config, codec = stage_config(), stand_in_codec()
   logs, losses = [], []
-  meta = L.run_ldm(config, work, codec=codec, log=logs.append, on_log=lambda s, m: record(losses, s, m))
+  meta = ldm_stage.run(config, work, codec=codec, log=logs.append, on_log=lambda s, m: record(losses, s, m))
   again = []
-  L.run_ldm(config, work, codec=codec, log=again.append)
+  ldm_stage.run(config, work, codec=codec, log=again.append)
   return dict(base=base, work=work, config=config, codec=codec, meta=meta, logs=logs, again=again, losses=losses)
 
 
@@ -261,7 +265,7 @@ def test_ldm_training_resume_matches_straight_run(stage_run):
   losses = []
   config = copy.deepcopy(config)
   config.ldm.latents.splits = "train"   # no eval pass (one compile less); not part of the checkpoint's identity
-  L.run_ldm(config, other, codec=stage_run["codec"], log=lambda m: None, on_log=lambda s, m: record(losses, s, m))
+  ldm_stage.run(config, other, codec=stage_run["codec"], log=lambda m: None, on_log=lambda s, m: record(losses, s, m))
   assert [s for s, _ in stage_run["losses"]] == [1, 2, 3, 4, 5, 6]
   assert losses == stage_run["losses"][3:]
   _, a = load_variables(os.path.join(work, "ldm", "checkpoints"))
@@ -290,13 +294,13 @@ def test_sampling_resumes_and_same_seed_gives_same_subjects(stage_run):
     raise _Stop()
 
   with pytest.raises(_Stop):
-    sampling.run_sample(config, work, codec=codec, on_progress=stop_after_first_batch, log=lambda m: None)
+    sample_stage.run(config, work, codec=codec, on_progress=stop_after_first_batch, log=lambda m: None)
   first = sorted(glob.glob(os.path.join(out, "sub-*", "anat", "*.nii.gz")))
   assert len(first) == 4 and not os.path.exists(os.path.join(out, "participants.tsv"))
   mtimes = {f: os.stat(f).st_mtime_ns for f in first}
   os.remove(first[1])   # as if killed mid-batch: that batch is regenerated, its other files kept
   logs = []
-  sampling.run_sample(config, work, codec=codec, log=logs.append)
+  sample_stage.run(config, work, codec=codec, log=logs.append)
   assert len(glob.glob(os.path.join(out, "sub-*", "anat", "*.nii.gz"))) == 10
   for f, t in mtimes.items():
     if f != first[1]:
@@ -308,13 +312,13 @@ def test_sampling_resumes_and_same_seed_gives_same_subjects(stage_run):
   os.makedirs(fresh)
   for d in ("data", "ldm"):
     os.symlink(os.path.join(work, d), os.path.join(fresh, d))
-  sampling.run_sample(config, fresh, codec=codec, log=lambda m: None)
+  sample_stage.run(config, fresh, codec=codec, log=lambda m: None)
   a, b = _snapshot(out), _snapshot(os.path.join(fresh, "synthetic"))
   assert sorted(a) == sorted(b) and len(a) == 12
   for k in a:
     assert a[k] == b[k], k
   skip = []
-  sampling.run_sample(config, work, codec=codec, log=skip.append)
+  sample_stage.run(config, work, codec=codec, log=skip.append)
   assert any("skipping" in line for line in skip)
 
 
@@ -322,7 +326,7 @@ def test_synthetic_folder_is_bids_and_private(stage_run):
   work = stage_run["work"]
   out = os.path.join(work, "synthetic")
   if not os.path.exists(os.path.join(out, "participants.tsv")):
-    sampling.run_sample(stage_run["config"], work, codec=stage_run["codec"], log=lambda m: None)
+    sample_stage.run(stage_run["config"], work, codec=stage_run["codec"], log=lambda m: None)
   desc = json.load(open(os.path.join(out, "dataset_description.json")))
   assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
   gen = desc["GeneratedBy"][0]

@@ -18,7 +18,7 @@ spec.loader.exec_module(lc)
 
 def _config():
   c = ml_collections.ConfigDict()
-  c.tokenizer = ml_collections.ConfigDict(dict(variant="vqvae", stages="", stage_train=dict(main=dict(steps=7))))
+  c.tokenizer = ml_collections.ConfigDict(dict(variant="vqvae", phases="", phase_train=dict(main=dict(steps=7))))
   c.ldm = ml_collections.ConfigDict(dict(train=dict(steps=1, checkpoint_every=1)))
   return c
 

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthmri_jax.data import cache, cohort, nifti, prepare
+from synthmri_jax.data import cache, cohort, ingest, nifti
+from synthmri_jax.pipeline import prepare
 
 AFFINE = np.array([[-2.0, 0, 0, 30], [0, 2.0, 0, -36], [0, 0, 2.0, -24], [0, 0, 0, 1]])   # LAS, 2 mm
 
@@ -118,7 +119,7 @@ def _mtimes(workdir):
 
 def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
-  real = prepare.process_row
+  real = ingest.process_row
   calls = []
 
   def crash_after_4(task):
@@ -127,7 +128,7 @@ def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, mo
     calls.append(task["index"])
     return real(task)
 
-  monkeypatch.setattr(prepare, "process_row", crash_after_4)
+  monkeypatch.setattr(ingest, "process_row", crash_after_4)
   with pytest.raises(KeyboardInterrupt):
     prepare.run(config, workdir)
   meta = json.load(open(os.path.join(workdir, "data", "prepared.json")))
@@ -140,7 +141,7 @@ def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, mo
   open(os.path.join(workdir, "data", "cache", ".x.image.npy.abc.tmp.npy"), "wb").write(b"half")
 
   redone = []
-  monkeypatch.setattr(prepare, "process_row", lambda task: redone.append(task["index"]) or real(task))
+  monkeypatch.setattr(ingest, "process_row", lambda task: redone.append(task["index"]) or real(task))
   prepare.run(config, workdir)
   assert len(redone) == 11 - 4 and not set(redone) & set(calls)
   after = _mtimes(workdir)

@@ -14,8 +14,10 @@ import scipy.ndimage
 from synthmri_jax.data import cache, loader
 from synthmri_jax.diffusion.schedules import make_schedule
 from synthmri_jax.evaluation import privacy
-from synthmri_jax.evaluation.privacy_config import dp_config, privacy_config
-from synthmri_jax.training import optim, trainer
+from synthmri_jax.config_blocks.privacy import block as privacy_block, dp_config, privacy_config
+from synthmri_jax.evaluation.privacy import report as privacy_report
+from synthmri_jax.training import optim
+from synthmri_jax.training import dp_sgd
 from synthmri_jax.utils import io
 
 SHAPE = (20, 24, 20)
@@ -112,9 +114,9 @@ def study(tmp_path_factory):
   sampling = loader.PoissonSampling(40, 8, loader.poisson_max_batch_size(40, 8), 0)
   cfg = optim.train_config(ml_collections.ConfigDict(dict(steps=50, dp=dp_config(noise_multiplier=1.1,
                                                                                    target_epsilon=0.0))))
-  _, rec = trainer.resolve_dp(cfg, sampling, "ldm")
-  ldm_dp = trainer.dp_record_for_steps(rec, sampling, 50)
-  trainer.write_dp_record(str(workdir / "ldm"), dict(ldm_dp, complete=True))
+  _, rec = dp_sgd.resolve_dp(cfg, sampling, "ldm")
+  ldm_dp = dp_sgd.dp_record_for_steps(rec, sampling, 50)
+  dp_sgd.write_dp_record(str(workdir / "ldm"), dict(ldm_dp, complete=True))
 
   rng = np.random.default_rng(1)
   copies, src, kind = _planted(vols["train"], rng)
@@ -228,18 +230,18 @@ def test_rerun_reuses_finished_report_and_any_change_recomputes(study, monkeypat
   workdir, synthetic, ids = str(study["workdir"]), study["synthetic"], study["ids"]
   calls = []
   real_checker = privacy.copy_checker
-  monkeypatch.setattr(privacy, "copy_checker", lambda *a, **k: calls.append(1) or real_checker(*a, **k))
+  monkeypatch.setattr(privacy_report, "copy_checker", lambda *a, **k: calls.append(1) or real_checker(*a, **k))
   again = privacy.run_privacy(_config(), workdir, synthetic, ids)
   assert not calls and again["key"] == study["report"]["key"]
   assert again["n_copies"] == study["report"]["n_copies"] and again["tau"] == study["report"]["tau"]
   keys = {again["key"]}
   changed = synthetic.copy()
   changed[0, 0, 0, 0] += 1e-3
-  keys.add(privacy._result_key(privacy.privacy_block(_config()), workdir, changed, ids))
+  keys.add(privacy.result_key(privacy_block(_config()), workdir, changed, ids))
   cfg = _config()
   cfg.privacy.num_figures = 2
-  keys.add(privacy._result_key(privacy.privacy_block(cfg), workdir, synthetic, ids))
-  keys.add(privacy._result_key(privacy.privacy_block(_config()), workdir, synthetic, ids[::-1]))
+  keys.add(privacy.result_key(privacy_block(cfg), workdir, synthetic, ids))
+  keys.add(privacy.result_key(privacy_block(_config()), workdir, synthetic, ids[::-1]))
   assert len(keys) == 4
   redo = privacy.run_privacy(cfg, workdir, synthetic, ids)        # a changed key does recompute
   assert calls and redo["key"] != again["key"] and len(redo["closest_pairs"]) == 2

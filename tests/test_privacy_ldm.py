@@ -1,19 +1,24 @@
 """The privacy report against the real LDM stage (slow: compiles a U-Net twice): membership
-inference on run_ldm's model and cached latents, and the LDM's own loss trained with DP-SGD."""
+inference on the ldm stage's model and cached latents, and the LDM's own loss trained with DP-SGD."""
 
 import json
 import os
 
 import jax.numpy as jnp
 import ml_collections
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from synthmri_jax.data import cache
 from synthmri_jax.evaluation import privacy
-from synthmri_jax.evaluation.privacy_config import dp_config
+from synthmri_jax.config_blocks.privacy import dp_config
 from synthmri_jax.training import trainer
-from synthmri_jax.training.tasks import ldm as ldm_lib
+from synthmri_jax.training import dp_sgd
+from synthmri_jax.latents import LatentCodec, LatentNorm
+from synthmri_jax.pipeline import ldm as ldm_stage
+from synthmri_jax.tasks import ldm as ldm_task
 from test_ldm import tiny_ldm_config
 from test_privacy import SPLITS, _cohort, _config
 
@@ -30,7 +35,7 @@ def _pool_codec():
       z = jnp.repeat(z, 4, axis=axis)
     return z / v["gain"]
 
-  return ldm_lib.LatentCodec(encode, decode, {"gain": jnp.float32(3.0)}, key="pool4", description="test stand-in")
+  return LatentCodec(encode, decode, {"gain": jnp.float32(3.0)}, key="pool4", description="test stand-in")
 
 
 def _ldm_config():
@@ -50,7 +55,7 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   work = str(tmp_path / "with_ldm")
   _cohort(work)
   config, codec = _ldm_config(), _pool_codec()
-  ldm_lib.run_ldm(config, work, codec=codec, log=lambda m: None)
+  ldm_stage.run(config, work, codec=codec, log=lambda m: None)
   mia = privacy.ldm_membership_inference(config, work, cache.load_prepared(work), codec=codec, log=lambda m: None)
   assert mia["n_members"] == SPLITS["train"] and mia["n_nonmembers"] == SPLITS["holdout"]
   for attack in ("loss_attack", "pia"):
@@ -64,12 +69,12 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   # The same U-Net trained with DP-SGD through the shared trainer: per-example gradients of the
   # LDM's own loss (condition dropout, random t and noise per example), Poisson batches, dp.json.
   meta = json.load(open(os.path.join(work, "ldm", "ldm.json")))
-  attributes = ldm_lib.attributes_from_meta(meta)
-  model, schedule = ldm_lib.build(meta["ldm"], meta["latent_shape"][-1], 2, attributes)
-  task = ldm_lib.LDMTask(model, schedule)
+  attributes = ldm_task.attributes_from_meta(meta)
+  model, schedule = ldm_task.build(meta["ldm"], meta["latent_shape"][-1], 2, attributes)
+  task = ldm_task.LDMTask(model, schedule)
   prepared = cache.load_prepared(work)
-  src = ldm_lib.LatentSource(os.path.join(work, "ldm", "latents", "train.npy"), ldm_lib.LatentNorm.from_meta(meta, os.path.join(work, "ldm")),
-                             ldm_lib.split_attributes(prepared, "train", attributes))
+  src = ldm_task.LatentSource(os.path.join(work, "ldm", "latents", "train.npy"), LatentNorm.from_meta(meta, os.path.join(work, "ldm")),
+                             ldm_task.split_attributes(prepared, "train", attributes))
   cfg = ml_collections.ConfigDict(dict(train=dict(steps=4, warmup_steps=1, log_every=2, checkpoint_every=4,
                                                   dp=dp_config(target_epsilon=0.0, noise_multiplier=1.0,
                                                                l2_clip=1.0)),
@@ -78,7 +83,7 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   dp_dir = os.path.join(work, "ldm_dp")
   state = trainer.train(task, cfg, dp_dir, trainer.train_iterator(cfg, src, 8, seed=0, workdir=dp_dir),
                         on_log=lambda s, m: logs.append(m))
-  rec = json.load(open(os.path.join(dp_dir, trainer.DP_FILE)))
+  rec = json.load(open(os.path.join(dp_dir, dp_sgd.DP_FILE)))
   assert int(state.step) == 4 and rec["complete"] and rec["steps"] == 4 and rec["private"]
   assert rec["sampling_probability"] == 8 / SPLITS["train"] and np.isfinite(logs[-1]["loss"])
   assert 0 < logs[-1]["dp_batch_size"] <= rec["sampling"]["max_batch_size"]
@@ -86,8 +91,8 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   # sample.reject_copies: subjects the copy check flags are regenerated with a new seed (same
   # attributes) until none is flagged; the check here is a stand-in that flags sub-synth0002 once
   # (the real check's encoder and calibration are tested in test_privacy.py).
-  from synthmri_jax import sampling
-  from synthmri_jax.training.tasks.ldm_config import sample_config
+  from synthmri_jax.pipeline import sample as sample_stage
+  from synthmri_jax.config_blocks.ldm import sample_config
   config.sample = sample_config("quickstart")
   config.sample.update(dict(num_subjects=3, batch_size=4, steps=2, reject_copies=True, reject_max_attempts=2))
   calls = []
@@ -102,17 +107,17 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   monkey = pytest.MonkeyPatch()
   monkey.setattr(privacy, "flag_generated", fake_flags)
   try:
-    state = sampling.run_sample(config, work, codec=codec, log=lambda m: None)
+    state = sample_stage.run(config, work, codec=codec, log=lambda m: None)
   finally:
     monkey.undo()
   assert state["rejections"]["count"] == 1
   assert [r["participant_id"] for r in state["rejections"]["subjects"]] == ["sub-synth0002"]
-  table = sampling.pd.read_csv(os.path.join(work, "synthetic", "participants.tsv"), sep="\t")
+  table = pd.read_csv(os.path.join(work, "synthetic", "participants.tsv"), sep="\t")
   first = table["seed"].tolist()
   assert first[1] == state["reseeded"]["1"] and len(calls) == 2 and len(calls[1]) == 1
   # The regenerated subject is a new image (new seed), the others are what the first pass made.
   assert not np.allclose(calls[1][0], calls[0][1])
-  written = np.asarray(sampling.nifti.nib.load(
+  written = np.asarray(nib.load(
       os.path.join(work, "synthetic", "sub-synth0002", "anat", "sub-synth0002_T1w.nii.gz")).get_fdata())
   assert np.abs(written - calls[1][0][..., 0]).max() < 1e-3
 
@@ -122,6 +127,6 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
       "is_copy": np.ones(len(v), bool), "score": np.ones(len(v)), "measure": ["embedding"] * len(v)})
   try:
     with pytest.raises(Exception, match="still flagged as copies"):
-      sampling.run_sample(config, work, codec=codec, log=lambda m: None)
+      sample_stage.run(config, work, codec=codec, log=lambda m: None)
   finally:
     monkey.undo()

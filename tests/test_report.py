@@ -1,5 +1,5 @@
 """The `report` stage on a fake workdir: a tiny real prepared cohort, a synthetic folder, and stage
-JSON files shaped like the writers' (tokenizer_stage._summary, ldm.run_ldm, sampling.run_sample,
+JSON files shaped like the writers' (pipeline.tokenizer, pipeline.ldm, pipeline.sample,
 tstr.Study.run / run_classifier, privacy.run_privacy). Checks that numbers come from those files,
 the HTML is self-contained, a partial workdir renders with "not run" and no temp file is left."""
 
@@ -10,9 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from synthmri_jax import report, stages
-from synthmri_jax.report import document as report_doc
-from synthmri_jax.data import loader, prepare
+from synthmri_jax import stages
+from synthmri_jax.pipeline import report
+from synthmri_jax.pipeline.report import document as report_doc
+from synthmri_jax.data import loader
+from synthmri_jax.pipeline import prepare
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation.synthetic_cohort import write_cohort_folder
 from synthmri_jax.utils import io
@@ -49,7 +51,7 @@ def _write_jsons(workdir, prepared):
       "variant": "dual", "split": "val", "num_volumes": 2, "psnr": 27.4567, "ssim": 0.81234, "l1": 0.0312,
       "boundary_band_l1": 0.0456, "codebooks": {"generative": {"usage": 0.4375, "perplexity": 123.4, "num_codes": 512,
                                                                 "codes_used": 224}},
-      "stages": {"clinical": {"steps": 100, "lr": 1e-4, "seconds": 10.0, "steps_per_s": 9.87, "trainable_params": 1000}},
+      "phases": {"clinical": {"steps": 100, "lr": 1e-4, "seconds": 10.0, "steps_per_s": 9.87, "trainable_params": 1000}},
       "tokenizer_params": 123456, "volume_shape": [16, 16, 16], "channels": ["T1w"],
       "boundary_band": "image edges", "perceptual": "none", "data_range": 1.0,
       "clinical_modes": {"encoded": {"psnr": 26.111, "ssim": 0.8, "boundary_band_l1": 0.05},
@@ -200,7 +202,7 @@ def _temp_files(workdir):
 
 
 def test_registered_as_a_stage():
-  assert stages.STAGES["report"] == "synthmri_jax.report:run"
+  assert stages.STAGES["report"] == "synthmri_jax.pipeline.report:run"
   assert stages.parse_stages("report") == ["report"]
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers (VQ-VAE, VQGAN, dual-codebook), their losses, perceptual net, staged training and stage runner.
+"""Tokenizers (VQ-VAE, VQGAN, dual-codebook), their losses, perceptual net, phased training and the tokenizer stage.
 
 Tiny 16^3 volumes; compiled steps are shared through module-scoped fixtures because compiles
 dominate on a 2-core CPU.
@@ -17,11 +17,12 @@ import pytest
 from synthmri_jax.evaluation import fidelity
 from synthmri_jax.models import perceptual as perc_lib
 from synthmri_jax.models import tokenizer as tok_models
+from synthmri_jax.models import tokenizer_blocks
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
 from synthmri_jax.sharding import unbox
-from synthmri_jax.training.tasks import tokenizer as T
-from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config
+from synthmri_jax.tasks import tokenizer as T
+from synthmri_jax.config_blocks.tokenizer import tokenizer_config
 
 SIZE = 16
 N = 4
@@ -183,7 +184,7 @@ def test_vqvae_shapes_and_grid_check():
 
 
 def test_space_to_depth_round_trips_and_groups_cubes():
-  from synthmri_jax.models.tokenizer import depth_to_space, space_to_depth
+  from synthmri_jax.models.tokenizer_blocks import depth_to_space, space_to_depth
   x = np.random.default_rng(0).normal(size=(2, 4, 6, 8, 3)).astype(np.float32)
   y = space_to_depth(jnp.asarray(x), 2)
   assert y.shape == (2, 2, 3, 4, 24)
@@ -221,12 +222,12 @@ def test_continuous_patch_autoencoder_learns_and_has_no_codebook(volumes):
     task.model.apply(variables, jnp.zeros((1, 18, 16, 16, 1)), method=task.model.encode_generative)
 
 
-# ------------------------------------------------------------------------------ staged training
+# ------------------------------------------------------------------------------ phased training
 
 
-@pytest.mark.parametrize("stage", [pytest.param("clinical", marks=pytest.mark.slow), "generative"])
-def test_frozen_params_stay_bit_identical(stage, volumes):
-  task = T.DualTask(tiny_config("dual"), 1, stage)
+@pytest.mark.parametrize("phase", [pytest.param("clinical", marks=pytest.mark.slow), "generative"])
+def test_frozen_params_stay_bit_identical(phase, volumes):
+  task = T.DualTask(tiny_config("dual"), 1, phase)
   s = Stepper(task, volumes, lr=1e-2, warmup_steps=0)
   before = host(s.state)
   for _ in range(2):
@@ -239,7 +240,7 @@ def test_frozen_params_stay_bit_identical(stage, volumes):
   assert all(a.tobytes() == b.tobytes() for _, a, b in frozen), [p for p, a, b in frozen if a.tobytes() != b.tobytes()]
   assert sum(not np.array_equal(a, b) for _, a, b in trained) > len(trained) // 2
   vq_before, vq_after = before.model_state["vq_stats"], after.model_state["vq_stats"]
-  if stage == "generative":   # the frozen clinical codebook is not EMA-updated either
+  if phase == "generative":   # the frozen clinical codebook is not EMA-updated either
     assert bits_equal(vq_before["clinical_vq"], vq_after["clinical_vq"])
     assert not bits_equal(vq_before["generative_vq"], vq_after["generative_vq"])
   else:
@@ -374,7 +375,7 @@ def test_perceptual_rejects_bad_files(tmp_path):
     perc_lib.Perceptual(weights=str(tmp_path / "absent.npz")).init_params(1)
 
 
-# ------------------------------------------------------------------------------ stage runner
+# ------------------------------------------------------------------------------ the tokenizer stage
 
 
 def _prepared_cohort(workdir, n_train=4, n_val=2):
@@ -396,9 +397,9 @@ def _prepared_cohort(workdir, n_train=4, n_val=2):
 
 
 @pytest.mark.slow
-def test_stage_runner_trains_stages_and_skips(tmp_path):
+def test_tokenizer_stage_trains_phases_and_skips(tmp_path):
   import ml_collections
-  from synthmri_jax.training.tasks import tokenizer_stage
+  from synthmri_jax.pipeline import tokenizer as tokenizer_stage
   _prepared_cohort(str(tmp_path))
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -406,18 +407,18 @@ def test_stage_runner_trains_stages_and_skips(tmp_path):
   config.tokenizer = tiny_config("dual")
   config.tokenizer.train.log_every = 2
   for s in ("clinical", "generative", "joint"):
-    config.tokenizer.stage_train[s].steps = 3
+    config.tokenizer.phase_train[s].steps = 3
   m = tokenizer_stage.run(config, str(tmp_path))
   path = tmp_path / "tokenizer" / "tokenizer_metrics.json"
   on_disk = json.loads(path.read_text())
   assert on_disk["config_hash"] == m["config_hash"]
-  for k in ("psnr", "ssim", "boundary_band_l1", "codebooks", "clinical_modes", "stages"):
+  for k in ("psnr", "ssim", "boundary_band_l1", "codebooks", "clinical_modes", "phases"):
     assert k in on_disk, k
   assert set(on_disk["codebooks"]) >= {"clinical", "generative"}
   assert set(on_disk["clinical_modes"]) >= {"encoded", "predicted", "null"}
   for s in ("clinical", "generative", "joint"):
     assert (tmp_path / "tokenizer" / s / "checkpoints" / "3").is_dir()
-  # Stage 2 started from stage 1: the frozen trunk equals stage 1's trunk.
+  # Phase 2 started from phase 1: the frozen trunk equals phase 1's trunk.
   from synthmri_jax.training import checkpoint as ckpt_lib
   _, s1 = ckpt_lib.load_variables(str(tmp_path / "tokenizer" / "clinical" / "checkpoints"))
   _, s2 = ckpt_lib.load_variables(str(tmp_path / "tokenizer" / "generative" / "checkpoints"))
@@ -433,11 +434,11 @@ def test_stage_runner_trains_stages_and_skips(tmp_path):
 def test_attention_levels_are_one_bool_per_level_as_in_the_unet():
   """The same convention as DiffusionUNet / MONAI: attention exactly where the mask says; level indices
   (the old spelling) are refused rather than misread as a mask."""
-  assert tok_models.attention_mask(True, 3) == (True, True, True)
+  assert tokenizer_blocks.attention_mask(True, 3) == (True, True, True)
   with pytest.raises(ValueError, match="level indices are not accepted"):
-    tok_models.attention_mask((0, 2, 1), 3)
+    tokenizer_blocks.attention_mask((0, 2, 1), 3)
   with pytest.raises(ValueError, match="one entry per level"):
-    tok_models.attention_mask((2,), 3)
+    tokenizer_blocks.attention_mask((2,), 3)
 
   def attention_modules(mask):
     m = tok_models.VQVAE(channels=(8, 16, 32), num_res_blocks=1, attention_levels=mask, norm_groups=4, num_heads=2,

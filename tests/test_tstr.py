@@ -11,10 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthmri_jax.data import loader, nifti, prepare
+from synthmri_jax.data import loader, nifti
+from synthmri_jax.pipeline import evaluate as evaluate_stage
+from synthmri_jax.pipeline import prepare
 from synthmri_jax.data.cache import load_prepared
-from synthmri_jax.evaluation import config as config_lib
-from synthmri_jax.evaluation import arms, codec_check, feature_weights, stage, tstr
+from synthmri_jax.config_blocks import evaluate as config_lib
+from synthmri_jax.evaluation import arms, codec_check, feature_weights, tstr
+from synthmri_jax.evaluation.synthetic_cohort import load_synthetic
 from synthmri_jax.evaluation.synthetic_cohort import (SyntheticCohortError, load_synthetic_cohort,
                                                       write_cohort_folder)
 
@@ -112,7 +115,7 @@ def copy_study(prepared_workdir, tmp_path_factory):
   config, workdir = prepared_workdir
   config = ml_collections.ConfigDict(config.to_dict())
   config.evaluate.synthetic_dir = _copy_of_train(workdir, str(tmp_path_factory.mktemp("syn") / "copy"))
-  return config, workdir, stage.run_evaluate(config, workdir)
+  return config, workdir, evaluate_stage.run(config, workdir)
 
 
 @pytest.mark.slow
@@ -173,7 +176,7 @@ def test_rerun_skips_finished_runs_and_user_extractor(copy_study, tmp_path):
   config = ml_collections.ConfigDict(config.to_dict())
   config.evaluate.feature_weights = os.path.join(workdir, "evaluation", "runs", "REAL_0.1", "seed0")
   config.evaluate.feature_name = "real10"
-  again = stage.run_evaluate(config, workdir)
+  again = evaluate_stage.run(config, workdir)
   assert os.stat(result).st_mtime_ns == before
   assert again["classification"]["arms"]["TSTR"]["per_seed"] == out["classification"]["arms"]["TSTR"]["per_seed"]
   assert "FD_real10" in again["fidelity"] and "KID_real10" in again["fidelity"]
@@ -181,7 +184,7 @@ def test_rerun_skips_finished_runs_and_user_extractor(copy_study, tmp_path):
   bad.write_bytes(b"not a msgpack file")
   config.evaluate.feature_weights = str(bad)
   with pytest.raises(feature_weights.FeatureWeightsError, match="weights.msgpack"):
-    stage.run_evaluate(config, workdir)
+    evaluate_stage.run(config, workdir)
 
 
 class _Codec:
@@ -206,7 +209,7 @@ def test_codec_arm_trains_on_the_round_trips(copy_study, tmp_path):
   config.evaluate.arms = "TSTR,CODEC"
   real = load_prepared(workdir)
   one_scan = loader.CohortSource(real, "train")[0]["image"]
-  syn = stage.load_synthetic(config, workdir)
+  syn = load_synthetic(config, workdir)
   keys, aucs = [], []
   for template in (None, one_scan):
     cohort = codec_check.round_trip_cohort(_Codec(template), real, "train", str(tmp_path / "rt"),
@@ -232,7 +235,7 @@ def test_shuffled_labels_give_chance_tstr(copy_study, tmp_path):
   config = ml_collections.ConfigDict(config.to_dict())
   config.evaluate.synthetic_dir = _copy_of_train(workdir, str(tmp_path / "shuffled"), shuffle=True, masks=False)
   config.evaluate.arms = "TSTR"
-  out = stage.run_evaluate(config, workdir)
+  out = evaluate_stage.run(config, workdir)
   arms = out["classification"]["arms"]
   assert arms["TRTR"]["per_seed"] == first["classification"]["arms"]["TRTR"]["per_seed"]   # reused, not retrained
   auc = arms["TSTR"]["auc_over_seeds"]["mean"]

@@ -31,22 +31,11 @@ from synthmri_jax.xla_flags import configure_cpu_flags  # noqa: E402
 
 configure_cpu_flags()
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from synthmri_jax import stages as stages_lib  # noqa: E402
-from synthmri_jax.utils import io  # noqa: E402
+from synthmri_jax.utils import config_files, io  # noqa: E402
 
 OUT = "learning_curve"
-
-
-def load_config(path: str, overrides: list[str]):
-  """The config file with `--config.x=y` overrides, parsed as main.py parses them."""
-  flags.FLAGS.unparse_flags()
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "config file")
-  flags.FLAGS([sys.argv[0], f"--config={path}", *overrides])
-  return flags.FLAGS["config"].value
 
 
 def _stage(config, workdir: str, name: str) -> float:
@@ -97,8 +86,8 @@ def _fmt(x, d=3):
 def _tokenizer_steps(config) -> int:
   t = config.tokenizer
   if str(t.variant) == "dual":
-    return sum(int(t.stage_train[s].steps) for s in str(t.stages).split(",") if s.strip())
-  return int(t.stage_train.main.steps)
+    return sum(int(t.phase_train[s].steps) for s in str(t.phases).split(",") if s.strip())
+  return int(t.phase_train.main.steps)
 
 
 def _pct(x):
@@ -180,9 +169,9 @@ def run_curve(config, workdir: str, ldm_steps: list[int], tokenizer_steps: list[
         os.symlink(os.path.join(workdir, "data"), os.path.join(wd, "data"))
       with cfg.unlocked():
         if str(cfg.tokenizer.variant) == "dual":
-          cfg.tokenizer.stage_train.generative.steps = int(tok)
+          cfg.tokenizer.phase_train.generative.steps = int(tok)
         else:
-          cfg.tokenizer.stage_train.main.steps = int(tok)
+          cfg.tokenizer.phase_train.main.steps = int(tok)
     _stage(cfg, wd, "tokenizer")
     for steps in ldm_steps:
       if any(r.get("tokenizer_steps") == tok and r["ldm_step"] == steps for r in rows):
@@ -221,7 +210,7 @@ def main(argv=None):
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     p.error(f"unknown arguments {bad}")
-  config = load_config(args.config, overrides)
+  config = config_files.load(args.config, overrides)
   run_curve(config, args.workdir, ldm_steps, tok, args.machine)
 
 

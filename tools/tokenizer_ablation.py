@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags  # noqa: E402
 from absl import flags  # noqa: E402
 
-from synthmri_jax.training.tasks import tokenizer_stage  # noqa: E402
-from synthmri_jax.training.tasks.tokenizer_config import tokenizer_config  # noqa: E402
+from synthmri_jax.pipeline import tokenizer as tokenizer_stage  # noqa: E402
+from synthmri_jax.config_blocks.tokenizer import tokenizer_config  # noqa: E402
 from synthmri_jax.utils import io  # noqa: E402
 
 VARIANTS = ("vqvae", "vqgan", "dual")
@@ -55,15 +55,15 @@ def variant_config(base, variant: str, steps: int):
   with c.unlocked():
     t.variant = variant
     if variant == "dual":
-      names = tokenizer_stage.stage_names(t)
-      weights = [int(t.stage_train[s].steps) for s in names]
+      names = tokenizer_stage.phase_names(t)
+      weights = [int(t.phase_train[s].steps) for s in names]
       total = sum(weights)
       alloc = [max(1, round(steps * w / total)) for w in weights]
       alloc[-1] = max(1, steps - sum(alloc[:-1]))
       for s, n in zip(names, alloc):
-        t.stage_train[s].steps = n
+        t.phase_train[s].steps = n
     else:
-      t.stage_train.main.steps = steps
+      t.phase_train.main.steps = steps
       if variant == "vqgan":
         t.gan.start_step = min(int(t.gan.start_step), steps // 2)
   return c
@@ -79,7 +79,7 @@ def _row(name, m, mode=None) -> dict:
       "perplexity_generative": cb.get("generative", {}).get("perplexity"),
       "usage_clinical": cb.get("clinical", {}).get("usage"),
       "perplexity_clinical": cb.get("clinical", {}).get("perplexity"),
-      "steps_per_s": {k: v["steps_per_s"] for k, v in m["stages"].items()},
+      "steps_per_s": {k: v["steps_per_s"] for k, v in m["phases"].items()},
       "seconds": m.get("seconds"),
   }
 
@@ -114,8 +114,8 @@ def main(argv=None):
   if "tokenizer" not in base:
     with base.unlocked():
       base.tokenizer = tokenizer_config("quickstart")
-  steps = args.steps or sum(int(base.tokenizer.stage_train[s].steps)
-                            for s in tokenizer_stage.stage_names(variant_config(base, "dual", 3).tokenizer))
+  steps = args.steps or sum(int(base.tokenizer.phase_train[s].steps)
+                            for s in tokenizer_stage.phase_names(variant_config(base, "dual", 3).tokenizer))
   out_dir = os.path.join(os.path.abspath(args.workdir), "tokenizer_ablation")
   rows, results = [], {}
   for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -137,7 +137,7 @@ def main(argv=None):
     else:
       rows.append(_row(variant, m))
   shape = next(iter(results.values()))["volume_shape"]
-  batch = tokenizer_stage._batch_size(base)
+  batch = tokenizer_stage.batch_size(base)
   md = markdown(rows, steps, shape, batch)
   io.write_text_atomic(os.path.join(out_dir, "ablation.md"), md)
   io.write_json_atomic(os.path.join(out_dir, "ablation.json"), {"steps": steps, "rows": rows, "metrics": results})

@@ -36,26 +36,13 @@ anatomy, lesion and noise, so a subject's draws never depend on the others, on c
 spacing, or on ad_effect (the same seed with ad_effect=0 gives the same subjects without the
 AD change: the tests use that pairing).
 
-Calibration (a *proxy*, not the 3D CNN the brief has in mind: none can be trained here in
-reasonable time). 160 subjects at 2 mm, ad_effect=1.0, standardised L2 logistic regression
-(C=1e-3 for voxels), 4x repeated stratified 5-fold CV, AUC mean +- sd over folds:
-                                                            seed 0        seed 1
-  voxels, brain-centred, 2x2x2-averaged to 4 mm, / WM       0.82 +- 0.08  0.75 +- 0.08
-  ROI features (ventricle/brain volume, hippocampus, age)    0.95 +- 0.03  0.94 +- 0.04
-  ad_effect=0.0 (seed 0, 2 repeats): voxels 0.60 +- 0.14, ROI 0.53 +- 0.10 (chance).
-The linear voxel model is a floor and the ROI model an oracle (it knows where to look); a good
-CNN on ~150 subjects should land between them, i.e. in the ADNI-like 0.80-0.92. Measured in
-those cohorts with measure_rois (age-adjusted AD - CN): ventricles +33-39 % (log +0.28..0.33),
-hippocampal intensity -0.10..-0.12 (residual sd 0.055); Spearman(age, ventricle volume) 0.49-0.55
-(0.65 with ad_effect=0). Ventricles: CN ~26 mL, AD ~37 mL; brain volume M/F ~1.2.
-Build time on the shared 2-core machine: ~80 s for the 160 subjects at 2 mm (106 MB); at 1 mm
-~25 s of set-up and ~6 s per subject.
+Calibration (how well anatomy separates the labels, measured with ROI and voxel proxies; the
+measured effect sizes and build times): docs/EMBEDDED_COHORT.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 import shutil
@@ -64,27 +51,15 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 
 from synthmri_jax import workdir as workdir_lib
+from synthmri_jax.data.mni_template import (CSF_LEVEL, FOV_CENTRE_MM, GM_LEVEL, ctrl_shape, field_basis, lesion_sites,
+                                            smooth_field, template, trilinear)
 from synthmri_jax.utils import io
 
 # Bump when the simulation changes: it is part of the completeness hash, so old builds are redone.
 GENERATOR_VERSION = 1
 LABELS = ("CN", "AD")
-
-# Output field of view (MNI mm): the template brain's bounding box (x -72..72, y -107..73,
-# z -72..82) grown so that large heads, rotations and deformations stay inside.
-FOV_CENTRE_MM = (0.0, -17.0, 5.0)
-FOV_SIZE_MM = (176.0, 216.0, 188.0)
-
-LATERAL_VENTRICLE_SEEDS_MM = ((-14.0, -15.0, 15.0), (14.0, -15.0, 15.0))
-HIPPOCAMPUS_AXES_MM = (((-27.0, -10.0, -19.0), (-23.0, -38.0, 0.0)),
-                       ((27.0, -10.0, -19.0), (23.0, -38.0, 0.0)))
-HIPPOCAMPUS_SIGMA_MM = 5.0
-
-# Tissue levels of the normalised template T1 (deep white matter = 1).
-CSF_LEVEL, GM_LEVEL = 0.30, 0.76
 
 # Effect sizes. AD terms are multiplied by cfg.ad_effect; 1.0 gives the calibration above.
 AGE_VENTRICLE_MM = 0.33       # ventricle surface advance (mm) per decade^1.5 past 50
@@ -95,11 +70,10 @@ AD_CORTEX_LOSS = 0.02
 AGE_HIPPO_SHRINK, AD_HIPPO_SHRINK, SD_HIPPO_SHRINK = 0.02, 0.30, 0.03   # contraction strength
 AGE_HIPPO_LOSS, AD_HIPPO_LOSS, SD_HIPPO_LOSS = 0.03, 0.60, 0.05          # GM darkening
 
-_TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 _MARKER = ".embedded_complete.json"      # written last: the build is complete
 _MANIFEST = ".embedded_build.json"       # written first: this directory is ours, and for which cfg
 _SUBJECT_DIR = re.compile(r"^sub-\d{4,}$")
-_CTRL_MM = 30.0                           # control-point spacing of smooth random fields
+
 
 
 # ------------------------------------------------------------------------------ config
@@ -157,214 +131,6 @@ class CohortSpec:
 
   def hash(self) -> str:
     return workdir_lib.fingerprint(dict(dataclasses.asdict(self), generator=GENERATOR_VERSION), 16)
-
-
-# ------------------------------------------------------------------------------ template
-
-def _template_dir() -> str:
-  import nilearn
-  return os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Template1mm:
-  origin: np.ndarray       # world mm of voxel (0, 0, 0); axes are RAS, 1 mm
-  t1: np.ndarray           # float32, deep white matter = 1, background 0
-  gm: np.ndarray
-  wm: np.ndarray
-  brain: np.ndarray        # bool
-  ventricles: np.ndarray   # bool, lateral ventricles
-  ventricle_distance: np.ndarray  # float32 mm, signed distance to their surface (< 0 inside)
-
-
-@functools.lru_cache(maxsize=1)
-def _template_1mm() -> _Template1mm:
-  arrays, affine = {}, None
-  for name in ("t1", "gm", "wm"):
-    img = nib.as_closest_canonical(nib.load(os.path.join(_template_dir(), _TEMPLATE_FILE.format(name))))
-    if affine is not None and not np.allclose(img.affine, affine):
-      raise RuntimeError("nilearn's MNI152 T1/GM/WM maps are not on one grid")
-    affine = img.affine
-    arrays[name] = np.asarray(img.dataobj, dtype=np.float32)
-  if not np.allclose(affine[:3, :3], np.eye(3)):
-    raise RuntimeError(f"expected a 1 mm RAS MNI152 template, got affine {affine.tolist()}")
-  gm, wm = arrays["gm"] / 255.0, arrays["wm"] / 255.0
-  t1 = arrays["t1"] / np.median(arrays["t1"][wm > 0.95])
-  brain = ndi.binary_fill_holes(t1 > 0.05)
-  origin = affine[:3, 3].astype(np.float64)
-  # Lateral ventricles: CSF-dark voxels well inside the brain in a central box (outside it the
-  # ventricles connect to cisterns and sulci), the components at the seeds.
-  mm = [origin[a] + np.arange(n) for a, n in enumerate(t1.shape)]
-  box = ((np.abs(mm[0]) < 35)[:, None, None] & ((mm[1] > -60) & (mm[1] < 40))[None, :, None]
-         & ((mm[2] > -30) & (mm[2] < 45))[None, None, :])
-  # A strict threshold keeps them apart from the third ventricle; one constrained dilation then
-  # takes back their partial-volume rim.
-  csf = (t1 < 0.45) & ndi.binary_erosion(brain, iterations=6) & box
-  labels, _ = ndi.label(csf)
-  ventricles = np.zeros_like(csf)
-  for seed in LATERAL_VENTRICLE_SEEDS_MM:
-    c = np.round(np.asarray(seed) - origin).astype(int)
-    window = labels[c[0] - 12:c[0] + 13, c[1] - 12:c[1] + 13, c[2] - 12:c[2] + 13]
-    ids = np.bincount(window.ravel())
-    ids[0] = 0
-    if ids.max() == 0:
-      raise RuntimeError(f"no ventricle found near MNI {seed}")
-    ventricles |= labels == ids.argmax()
-  ventricles |= ndi.binary_dilation(ventricles) & (t1 < 0.5 * (CSF_LEVEL + GM_LEVEL))
-  distance = (ndi.distance_transform_edt(~ventricles) - ndi.distance_transform_edt(ventricles)).astype(np.float32)
-  return _Template1mm(origin, t1, gm.astype(np.float32), wm.astype(np.float32), brain, ventricles,
-                      np.clip(distance, -12.0, 24.0))
-
-
-def _hippocampus(points_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Distance (mm) to the nearer hippocampal axis and the vector from it, for (3, N) points."""
-  best_d, best_v = None, None
-  for a, b in HIPPOCAMPUS_AXES_MM:
-    a, b = np.asarray(a)[:, None], np.asarray(b)[:, None]
-    ab = b - a
-    tau = np.clip(((points_mm - a) * ab).sum(0) / (ab * ab).sum(), 0.0, 1.0)
-    v = points_mm - (a + tau * ab)
-    d = np.sqrt((v * v).sum(0))
-    if best_d is None:
-      best_d, best_v = d, v
-    else:
-      closer = d < best_d
-      best_d = np.where(closer, d, best_d)
-      best_v = np.where(closer, v, best_v)
-  return best_d, best_v
-
-
-def output_grid(spacing_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
-  """Shape and RAS affine of the files written at `spacing_mm` (one fixed MNI field of view)."""
-  s = float(spacing_mm)
-  shape = tuple(int(np.ceil(size / s)) for size in FOV_SIZE_MM)
-  # Whole-mm origin: at 1 mm the grid then coincides with the template's voxels (no blur).
-  origin = np.floor(np.asarray(FOV_CENTRE_MM) - (np.asarray(shape) - 1) / 2.0 * s)
-  affine = np.diag([s, s, s, 1.0])
-  affine[:3, 3] = origin
-  return shape, affine
-
-
-@dataclasses.dataclass(frozen=True)
-class _Template:
-  """The template on the output grid: every per-subject sampling reads these arrays."""
-
-  spacing: float
-  shape: tuple[int, int, int]
-  affine: np.ndarray
-  tissue: np.ndarray        # (5, *shape): T1, GM, hippocampal weight x GM, soft brain mask,
-                            # signed distance (mm) to the lateral ventricles
-  support: np.ndarray       # bool: the brain dilated 6 mm; voxels mapping elsewhere stay 0
-  atrophy_zone: np.ndarray  # bool: where the contraction field is not negligible
-  atrophy: np.ndarray       # (3, *shape) mm: hippocampal contraction field (samples are pulled
-                            # away from the hippocampal axes, so the structure shrinks)
-
-  def axes_mm(self) -> list[np.ndarray]:
-    return [self.affine[a, 3] + self.spacing * np.arange(n) for a, n in enumerate(self.shape)]
-
-
-def _resample_1mm(volume: np.ndarray, idx: np.ndarray, spacing: float) -> np.ndarray:
-  """Samples a 1 mm template array at template voxel coordinates `idx` (3, *shape),
-  anti-aliased for coarser spacings."""
-  if spacing > 1.0:
-    volume = ndi.gaussian_filter(volume, np.sqrt(spacing ** 2 - 1.0) / 2.355, mode="constant")
-  return ndi.map_coordinates(volume, idx, order=1, mode="constant", cval=0.0).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=2)
-def _template(spacing_mm: float) -> _Template:
-  t = _template_1mm()
-  shape, affine = output_grid(spacing_mm)
-  s = float(spacing_mm)
-  axes = [affine[a, 3] + s * np.arange(n) for a, n in enumerate(shape)]
-  idx = np.stack(np.meshgrid(*[(ax - o).astype(np.float32) for ax, o in zip(axes, t.origin)], indexing="ij"))
-  t1 = _resample_1mm(t.t1, idx, s)
-  gm = _resample_1mm(t.gm, idx, s)
-  brain = _resample_1mm(ndi.binary_dilation(t.brain).astype(np.float32), idx, s)
-  vent_dist = _resample_1mm(t.ventricle_distance, idx, s)
-  del idx
-  # Hippocampal contraction: samples are pulled away from the axes (the structure shrinks).
-  hippo_field = np.zeros((3,) + shape, np.float32)
-  weight = np.zeros(shape, np.float32)
-  for i, x in enumerate(axes[0]):   # slab by slab: bounded memory at 1 mm
-    yz = np.stack(np.meshgrid([x], axes[1], axes[2], indexing="ij")).reshape(3, -1)
-    dist, vec = _hippocampus(yz)
-    w = np.exp(-0.5 * (dist / HIPPOCAMPUS_SIGMA_MM) ** 2)
-    weight[i] = w.reshape(shape[1:])
-    hippo_field[:, i] = (vec * w).reshape((3,) + shape[1:])
-  support = ndi.binary_dilation(brain > 0.05, iterations=max(1, int(np.ceil(6.0 / s))))
-  atrophy_zone = ndi.binary_dilation(np.abs(hippo_field).sum(0) > 0.15, iterations=1)
-  tissue = np.stack([t1, gm, weight * gm, brain, vent_dist])
-  return _Template(s, shape, affine, tissue, support, atrophy_zone, hippo_field)
-
-
-@functools.lru_cache(maxsize=1)
-def _lesion_sites() -> np.ndarray:
-  """(N, 3) MNI mm candidate lesion centres: cerebral tissue >= 22 mm inside the brain, 2 mm
-  apart, fixed whatever the output spacing (so a subject's lesion does not move with it)."""
-  t = _template_1mm()
-  sub = (slice(None, None, 2),) * 3
-  brain = t.brain[sub]
-  depth = ndi.distance_transform_edt(brain) * 2.0
-  tissue = (t.gm[sub] + t.wm[sub] > 0.8) & ~t.ventricles[sub]
-  ijk = np.argwhere((depth >= 22.0) & tissue)
-  mm = t.origin + 2.0 * ijk
-  return mm[mm[:, 2] > -20.0]
-
-
-# ------------------------------------------------------------------------------ random fields
-
-def _field_basis(axes_mm: list[np.ndarray]) -> list[np.ndarray]:
-  """Per-axis Gaussian bases on control points every _CTRL_MM across the fixed field of view,
-  row-normalised so a field with N(0, 1) coefficients has unit variance everywhere."""
-  bases = []
-  for a, ax in enumerate(axes_mm):
-    half = FOV_SIZE_MM[a] / 2.0 + _CTRL_MM
-    ctrl = FOV_CENTRE_MM[a] + np.arange(-half, half + 1e-6, _CTRL_MM)
-    b = np.exp(-0.5 * ((ax[:, None] - ctrl[None, :]) / (0.6 * _CTRL_MM)) ** 2)
-    bases.append((b / np.sqrt((b * b).sum(1, keepdims=True))).astype(np.float32))
-  return bases
-
-
-def _ctrl_shape() -> tuple[int, int, int]:
-  return tuple(len(np.arange(-(f / 2.0 + _CTRL_MM), f / 2.0 + _CTRL_MM + 1e-6, _CTRL_MM)) for f in FOV_SIZE_MM)
-
-
-def _field(coef: np.ndarray, bases: list[np.ndarray]) -> np.ndarray:
-  """Smooth field on the grid from control coefficients: a separable tensor product, contracted
-  smallest-first. Plain einsum, not BLAS: multithreaded BLAS on a busy machine is 10x slower."""
-  bx, by, bz = bases
-  small = np.einsum("ijk,zk->ijz", coef.astype(np.float32), bz)
-  small = np.einsum("ijz,yj->iyz", small, by)
-  return np.einsum("xi,iyz->xyz", bx, small)
-
-
-def _trilinear(volumes: np.ndarray, idx: np.ndarray) -> np.ndarray:
-  """Linear interpolation of all channels of `volumes` (C, X, Y, Z) at voxel coordinates
-  `idx` (3, K) -> (C, K). One set of corner indices and weights serves every channel, and 1-D
-  gathers per channel are several times faster than map_coordinates. Points must lie inside
-  the grid (callers sample the brain's support, far from the edges); they are clamped otherwise."""
-  shape = np.asarray(volumes.shape[1:])
-  flat = volumes.reshape(volumes.shape[0], -1)
-  base = np.clip(np.floor(idx), 0, (shape - 2)[:, None]).astype(np.int64)
-  frac = np.clip(idx - base, 0.0, 1.0).astype(np.float32)
-  stride = np.array([shape[1] * shape[2], shape[2], 1])
-  start = (base * stride[:, None]).sum(0)
-  corners = []
-  for dx in (0, 1):
-    wx = frac[0] if dx else 1.0 - frac[0]
-    for dy in (0, 1):
-      wxy = wx * (frac[1] if dy else 1.0 - frac[1])
-      for dz in (0, 1):
-        corners.append((dx * stride[0] + dy * stride[1] + dz, wxy * (frac[2] if dz else 1.0 - frac[2])))
-  out = np.zeros((flat.shape[0], idx.shape[1]), np.float32)
-  for offset, weight in corners:
-    where = start + offset
-    for c in range(flat.shape[0]):
-      value = np.take(flat[c], where)
-      value *= weight
-      out[c] += value
-  return out
 
 
 # ------------------------------------------------------------------------------ subjects
@@ -426,7 +192,7 @@ def draw_subject(spec: CohortSpec, index: int, label: str) -> Subject:
   scale = (0.95 if sex == "F" else 1.0) * np.exp(r.normal(0, 0.03) + r.normal(0, 0.012, 3))
   rotation = np.deg2rad(r.normal(0, 2.0, 3))
   translation = r.normal(0, 3.0, 3)
-  ctrl = _ctrl_shape()
+  ctrl = ctrl_shape()
   deform_coef = r.normal(0, 2.0, (3,) + ctrl)
   bias_coef = r.normal(0, 1.0, ctrl)
   cortex_coef = r.normal(0, 1.0, ctrl)
@@ -451,7 +217,7 @@ def draw_subject(spec: CohortSpec, index: int, label: str) -> Subject:
   rl = np.random.default_rng(lesion_ss)
   has_lesion = rl.random() < spec.lesion_fraction
   if spec.lesions and has_lesion:
-    sites = _lesion_sites()
+    sites = lesion_sites()
     radius = float(rl.uniform(8.0, 20.0))
     axes = np.exp(rl.normal(0, 0.2, 3))
     q, _ = np.linalg.qr(rl.normal(size=(3, 3)))
@@ -490,10 +256,10 @@ def _lesion_profile(sub: Subject, q: np.ndarray) -> np.ndarray:
 
 def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
   """(image float32, lesion mask uint8 or None, RAS affine) of one subject on the output grid."""
-  tpl = _template(spec.spacing_mm)
+  tpl = template(spec.spacing_mm)
   shape, s = tpl.shape, np.float32(tpl.spacing)
   axes = [ax.astype(np.float32) for ax in tpl.axes_mm()]
-  bases = _field_basis(axes)
+  bases = field_basis(axes)
   centre = np.asarray(FOV_CENTRE_MM, np.float32)
   origin = tpl.affine[:3, 3].astype(np.float32)
 
@@ -503,7 +269,7 @@ def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.nda
   rel = [ax - c - t for ax, c, t in zip(axes, centre, sub.translation.astype(np.float32))]
   q0 = []
   for a in range(3):
-    comp = _field(sub.deform_coef[a], bases)
+    comp = smooth_field(sub.deform_coef[a], bases)
     comp += (inv[a, 0] * rel[0])[:, None, None]
     comp += (inv[a, 1] * rel[1])[None, :, None]
     comp += (inv[a, 2] * rel[2] + centre[a])[None, None, :]
@@ -520,7 +286,7 @@ def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.nda
   zone = np.flatnonzero(tpl.atrophy_zone[tuple(near)])
   if zone.size:
     q = q0.copy()
-    q[:, zone] += sub.hippo_shrink * _trilinear(tpl.atrophy, (q0[:, zone] - origin[:, None]) / s)
+    q[:, zone] += sub.hippo_shrink * trilinear(tpl.atrophy, (q0[:, zone] - origin[:, None]) / s)
   q_anat = q
   if sub.lesion is not None:
     c = sub.lesion["centre"].astype(np.float32)[:, None]
@@ -532,14 +298,14 @@ def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.nda
         -0.5 * ((ql - c) ** 2).sum(0) / width ** 2)
   idx = (q_anat - origin[:, None]) / s
 
-  t1, gm, hippo_gm, brain, vent_dist = _trilinear(tpl.tissue, idx)
+  t1, gm, hippo_gm, brain, vent_dist = trilinear(tpl.tissue, idx)
   # Grey-matter loss: GM darkens towards CSF (patchy in the cortex, focal in the hippocampi).
-  patchy = np.clip(1.0 + 0.5 * _field(sub.cortex_coef, bases).ravel()[sel], 0.0, 2.0)
+  patchy = np.clip(1.0 + 0.5 * smooth_field(sub.cortex_coef, bases).ravel()[sel], 0.0, 2.0)
   loss = sub.cortex_loss * patchy * gm + sub.hippo_loss * hippo_gm
   intensity = np.maximum(t1 - np.minimum(loss, 1.0) * (GM_LEVEL - CSF_LEVEL), 0.0)
   # Ventricle growth: periventricular tissue within `ventricle_mm` (unevenly) of the ventricle
   # surface turns to CSF; the edge is as soft as the grid's own partial volume.
-  reach = sub.ventricle_mm * np.clip(1.0 + 0.35 * _field(sub.ventricle_coef, bases).ravel()[sel], 0.3, 1.7)
+  reach = sub.ventricle_mm * np.clip(1.0 + 0.35 * smooth_field(sub.ventricle_coef, bases).ravel()[sel], 0.3, 1.7)
   reach *= np.clip((np.abs(q_anat[0]) - 1.0) / 3.0, 0.0, 1.0)   # the septum (MNI x = 0) survives
   csf = 1.0 / (1.0 + np.exp((vent_dist - reach) / (0.4 * max(float(s), 1.0))))
   intensity -= csf * np.maximum(intensity - CSF_LEVEL, 0.0)
@@ -558,7 +324,7 @@ def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.nda
     mask = full.reshape(shape)
 
   intensity = intensity ** sub.gamma
-  bias = np.exp(0.08 * _field(sub.bias_coef, bases).ravel()[sel])
+  bias = np.exp(0.08 * smooth_field(sub.bias_coef, bases).ravel()[sel])
   signal = sub.gain * intensity * bias
   noise_rng = np.random.default_rng(_subject_streams(spec, sub.index)[2])
   sigma = sub.noise * sub.gain
@@ -671,93 +437,3 @@ def build_embedded_cohort(cfg, out_dir: str, log=None, map_fn=None) -> str:
   return tsv
 
 
-# ------------------------------------------------------------------------------ measuring
-
-@functools.lru_cache(maxsize=1)
-def _roi_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """1 mm template-space ROI labels (1 ventricle search region, 2 hippocampal GM, 3 deep WM)
-  and the template brain's centroid and per-axis sd (mm), the reference for moment alignment."""
-  t = _template_1mm()
-  atlas = np.zeros(t.t1.shape, np.uint8)
-  atlas[t.ventricle_distance <= 8.0] = 1
-  ijk = np.stack(np.nonzero(t.gm > 0.4))
-  dist, _ = _hippocampus(t.origin[:, None] + ijk)
-  hip = ijk[:, dist < 5.0]
-  atlas[tuple(hip)] = 2
-  deep_wm = ndi.binary_erosion(t.wm > 0.9, iterations=2) & (atlas == 0)
-  atlas[deep_wm] = 3
-  mm = t.origin[:, None] + np.stack(np.nonzero(t.brain))
-  return atlas, t.origin, mm.mean(1), mm.std(1)
-
-
-def _foreground(data: np.ndarray) -> np.ndarray:
-  positive = data[data > 0]
-  if positive.size == 0:
-    raise ValueError("measure_rois: the image has no positive voxels")
-  fg = data > 0.15 * np.percentile(positive, 99.5)
-  labels, n = ndi.label(fg)
-  if n > 1:
-    fg = labels == np.bincount(labels.ravel())[1:].argmax() + 1
-  return ndi.binary_fill_holes(fg)
-
-
-def roi_masks(data: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
-  """Boolean ROI masks on the image's own grid: `ventricles` (search region: CSF is measured
-  inside it), `hippocampus` (GM of both hippocampi) and `white_matter` (deep WM reference).
-
-  The template atlas is placed by matching the brain's centroid and per-axis spread (moments of
-  the foreground), so it works for any orientation, head size and crop, including the prepared,
-  brain-centred grids and generated samples. Assumes a roughly axis-aligned, skull-stripped brain.
-  """
-  data = np.asarray(data, dtype=np.float32)
-  affine = np.asarray(affine, dtype=np.float64)
-  fg = _foreground(data)
-  ijk = np.stack(np.nonzero(fg)).astype(np.float64)
-  world = affine[:3, :3] @ ijk + affine[:3, 3:4]
-  atlas, origin, c_tpl, sd_tpl = _roi_atlas()
-  c_img, sd_img = world.mean(1), world.std(1)
-  # voxel (i, j, k) -> atlas voxel: one affine map, evaluated by broadcasting the three axes.
-  ratio = (sd_tpl / sd_img)[:, None]
-  lin = ratio * affine[:3, :3]
-  off = c_tpl + ratio[:, 0] * (affine[:3, 3] - c_img) - origin
-  index = []
-  for c in range(3):
-    grid = (off[c] + lin[c, 0] * np.arange(data.shape[0])[:, None, None]
-            + lin[c, 1] * np.arange(data.shape[1])[None, :, None]
-            + lin[c, 2] * np.arange(data.shape[2])[None, None, :])
-    index.append(np.rint(grid).astype(np.int32))
-  ok = fg.copy()
-  for c in range(3):
-    ok &= (index[c] >= 0) & (index[c] < atlas.shape[c])
-  labels = np.zeros(data.shape, np.uint8)
-  labels[ok] = atlas[index[0][ok], index[1][ok], index[2][ok]]
-  return dict(ventricles=labels == 1, hippocampus=labels == 2, white_matter=labels == 3, brain=fg)
-
-
-def measure_rois(data: np.ndarray, affine: np.ndarray) -> dict[str, float]:
-  """ROI measurements used by the tests and the evaluation, from an image alone.
-
-  Works on written files, prepared arrays ([0, 1] or z-scored: the minimum is taken as the
-  background level) and generated samples alike. Intensities are divided by the median of deep
-  white matter, so gain and contrast drift cancel.
-  `ventricle_ml`: CSF volume in the ventricle region, each voxel counted by its CSF fraction
-  between the GM and CSF levels (partial volume). `hippocampus_intensity`: mean normalised
-  intensity of hippocampal GM (lower = GM loss). `brain_ml`: foreground volume.
-  """
-  data = np.asarray(data, dtype=np.float32)
-  data = data - min(float(data.min()), 0.0)
-  rois = roi_masks(data, affine)
-  voxel_ml = abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) / 1000.0
-  wm = float(np.median(data[rois["white_matter"]])) if rois["white_matter"].any() else float("nan")
-  norm = data / wm
-  csf_fraction = np.clip((GM_LEVEL - norm[rois["ventricles"]]) / (GM_LEVEL - CSF_LEVEL), 0.0, 1.0)
-  return dict(ventricle_ml=float(csf_fraction.sum() * voxel_ml),
-              hippocampus_intensity=float(norm[rois["hippocampus"]].mean()),
-              white_matter_level=wm,
-              brain_ml=float(rois["brain"].sum() * voxel_ml))
-
-
-def load_ras(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """A written file as a float32 RAS+ array and its affine (for measuring)."""
-  img = nib.as_closest_canonical(nib.load(path))
-  return np.asarray(img.dataobj, dtype=np.float32), img.affine

@@ -496,6 +496,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def round_up(n: int, mesh: Mesh) -> int:
+  """n rounded up to a multiple of the batch axes' shard count (a global batch must divide evenly)."""
+  k = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  return -(-int(n) // k) * k
+
+
 def make_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Host-local batch (leading dim global_batch // process_count) -> global jax.Arrays on the mesh.
 
@@ -525,6 +531,6 @@ def global_batches(iterator: Any, mesh: Mesh) -> Any:
 __all__ = [
     "ArraySource", "Augment", "BATCH_AXES", "CohortSource", "PoissonSampling", "Source", "batch_sharding",
     "eval_dataset", "eval_iterator", "eval_num_batches", "global_batches", "make_global_batch",
-    "per_host_batch_size", "poisson_max_batch_size", "poisson_train_dataset", "poisson_train_iterator",
+    "per_host_batch_size", "poisson_max_batch_size", "poisson_train_dataset", "poisson_train_iterator", "round_up",
     "steps_per_epoch", "train_dataset", "train_iterator",
 ]

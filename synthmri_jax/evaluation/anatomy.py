@@ -4,7 +4,7 @@ FD / KID say how far apart two feature clouds are. A radiologist or reviewer fir
 simpler: does the synthetic AD group have enlarged ventricles and darker hippocampi, as the real
 one does, and by about as much? This module answers that with numbers and intervals:
 
-  measure_volumes    per-scan ROI measures (data.embedded.measure_rois): lateral-ventricle CSF
+  measure_volumes    per-scan ROI measures (data.rois.measure_rois): lateral-ventricle CSF
                      volume (mL) and hippocampal grey-matter intensity (relative to deep white matter)
   group_effect       the difference of group means (e.g. AD - CN) with a bootstrap interval that
                      resamples subjects within each label
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synthmri_jax.data.embedded import measure_rois
+from synthmri_jax.data.rois import measure_rois
 
 MEASURES = ("ventricle_ml", "hippocampus_intensity")
 UNITS = {"ventricle_ml": "mL", "hippocampus_intensity": "relative to white matter"}

@@ -9,7 +9,7 @@ hippocampal signal), each with subject-level bootstrap intervals:
   by_label   the real split (evaluate.anatomy.real_split) against the synthetic cohort: each group's
              means and the case - control effect in each.
   paired     the conditioning alone: the same initial noise and attributes sampled once as case and
-             once as control (sampling.paired_samples); the mean paired difference should have the
+             once as control (generator.paired_samples); the mean paired difference should have the
              direction and about the size of the real effect. Needs this workdir's LDM.
 
 Case and control default to the last and first of config.data.labels (AD and CN). A check whose
@@ -27,7 +27,7 @@ import numpy as np
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.evaluation import anatomy, codec_check
-from synthmri_jax.evaluation import config as config_lib
+from synthmri_jax.config_blocks import evaluate as config_lib
 from synthmri_jax.utils import io
 from synthmri_jax import workdir as workdir_lib
 
@@ -49,10 +49,10 @@ def _volumes(source) -> np.ndarray:
 
 
 def _paired(config, workdir, n, case, control, real_effects, a) -> dict[str, Any]:
-  from synthmri_jax import sampling   # the LDM's modules only when there is one
+  from synthmri_jax.generation import generator   # the LDM's modules only when there is one
 
   t0 = time.time()
-  pairs = sampling.paired_samples(config, workdir, n, case, control)
+  pairs = generator.paired_samples(config, workdir, n, case, control)
   prepared = load_prepared(workdir)
   mc = anatomy.measure_volumes(pairs["case"], prepared.affine)
   mk = anatomy.measure_volumes(pairs["control"], prepared.affine)
@@ -104,11 +104,11 @@ def run(config, workdir: str, synthetic, log: Callable[[str], None] = print) -> 
   elif not has_tokenizer:
     out["codec"] = {"skipped": f"no trained tokenizer in {workdir}/tokenizer"}
   else:
-    from synthmri_jax.training.tasks import ldm as ldm_lib
+    from synthmri_jax.pipeline import tokenizer
 
     splits = [s.strip() for s in str(a.codec_splits).split(",") if s.strip()]
-    codec = ldm_lib.tokenizer_codec(config, workdir, clinical=str(config.sample.clinical) if "sample" in config
-                                    else None)
+    codec = tokenizer.tokenizer_codec(config, workdir, clinical=str(config.sample.clinical) if "sample" in config
+                                      else None)
     out["codec"] = codec_check.run(codec, prepared, splits, case, control, tolerance=float(a.tolerance),
                                    batch_size=int(config_lib.block(config, "evaluate", config_lib.evaluate_config)
                                                   .batch_size), log=log, **kw)

@@ -260,7 +260,7 @@ def train_encoder(config, workdir: str, *, log: Callable[[str], None] = print,
   `config.privacy.encoder` (privacy_config.privacy_config) sets the model and training; a
   cached encoder made for another encoder config or cohort is retrained in a fresh run folder.
   """
-  from synthmri_jax.evaluation.privacy_config import block as privacy_block
+  from synthmri_jax.config_blocks.privacy import block as privacy_block
 
   enc = privacy_block(config).encoder
   workdir = os.path.abspath(workdir)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from synthmri_jax.training import checkpoint as ckpt_lib
-from synthmri_jax.training.tasks.classifier import ClassifierTask
+from synthmri_jax.tasks.classifier import ClassifierTask
 from synthmri_jax.utils.errors import UserInputError
 
 

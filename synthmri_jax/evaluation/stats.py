@@ -192,6 +192,52 @@ def format_mean_sd(summary: dict[str, Any], digits: int = 3) -> str:
 # Helpers.
 
 
+def bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0) -> dict[str, Any]:
+  """Mean of per-subject values with a scipy bootstrap interval (percentile where BCa is undefined)."""
+  v = np.asarray(values, np.float64)
+  if v.size == 0:
+    return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "alpha": float(alpha), "method": "no subjects"}
+  out = {"mean": float(v.mean()), "n": int(v.size), "alpha": float(alpha)}
+  if v.size < 2 or np.all(v == v[0]):
+    return dict(out, ci_low=out["mean"], ci_high=out["mean"], se=0.0, method="degenerate (constant or n < 2)")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method=method,
+                                rng=np.random.default_rng(seed))
+    used = method
+    if not np.all(np.isfinite([res.confidence_interval.low, res.confidence_interval.high])):
+      res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha,
+                                  method="percentile", rng=np.random.default_rng(seed))
+      used = "percentile"
+  return dict(out, ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high),
+              se=float(res.standard_error), method=used)
+
+
+def two_sample_bootstrap(a: np.ndarray, b: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
+                          n_boot: int, alpha: float, seed: int = 0, floor: float | None = None) -> dict[str, Any]:
+  """Bias-shifted percentile interval of fn(a, b), resampling the rows of each set independently
+  (scipy.stats.bootstrap's distribution). A resample repeats subjects, which inflates distances
+  such as FD: on 16 vs 24 real scans the plain percentile interval lay entirely above the
+  estimate (and the basic interval entirely below it). Shifting the bootstrap distribution by
+  its bias (mean - estimate) keeps its spread and centres it on the estimate. `floor`: the
+  statistic's lower bound (0 for FD), applied to the interval."""
+  ia, ib = np.arange(len(a)), np.arange(len(b))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    res = scipy.stats.bootstrap((ia, ib), lambda i, j: fn(a[i], b[j]), n_resamples=n_boot, vectorized=False,
+                                paired=False, confidence_level=1 - alpha, method="percentile",
+                                rng=np.random.default_rng(seed))
+  dist = np.asarray(res.bootstrap_distribution, np.float64)
+  dist = dist[np.isfinite(dist)]
+  bias = float(dist.mean() - fn(a, b))
+  lo, hi = (float(q) - bias for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
+  if floor is not None:
+    lo, hi = max(lo, floor), max(hi, floor)
+  return {"ci_low": lo, "ci_high": hi, "se": float(dist.std(ddof=1)), "bootstrap_bias": bias, "n_boot": int(n_boot),
+          "alpha": float(alpha), "method": "bias-shifted percentile bootstrap (subjects of each set resampled)"
+                                           + ("" if floor is None else f", floored at {floor:g}")}
+
+
 def _auc_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Validated (labels (n,), scores (n,) for binary or (n, K), sorted classes)."""
   y = np.asarray(y_true).ravel()

@@ -23,10 +23,8 @@ written atomically, so an interrupted ingest resumes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import glob
-import multiprocessing
 import os
 import re
 import time
@@ -36,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.data import cohort, nifti, prepare
-from synthmri_jax.data.cache import PreparedCohort
+from synthmri_jax.config_blocks import evaluate as config_lib
+from synthmri_jax.data import cohort, ingest, nifti
+from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.data.loader import CohortSource
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
@@ -186,37 +185,14 @@ def _grid(real: PreparedCohort) -> dict[str, Any]:
   return {"shape": list(m["shape"]), "spacing_mm": float(m["spacing_mm"]), "channels": list(m["channels"]),
           "labels": list(m["labels"]), "normalization": m["normalization"],
           "clip_percentiles": [float(p) for p in m["clip_percentiles"]],
-          "preprocess_version": int(m.get("preprocess_version", prepare.PREPROCESS_VERSION))}
-
-
-class _Workers:
-  """Spawn-based process pool (jax is already running in this process, so no fork), or in-process."""
-
-  def __init__(self, n: int):
-    self.n = max(1, int(n))
-    self.ex = None
-
-  def __enter__(self):
-    if self.n > 1:
-      self.ex = concurrent.futures.ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"))
-    return self
-
-  def __exit__(self, *exc):
-    if self.ex is not None:
-      self.ex.shutdown(wait=True, cancel_futures=True)
-
-  def map(self, fn: Callable, *iterables) -> list:
-    args = [list(a) for a in iterables]
-    if self.ex is None or (args and len(args[0]) <= 1):
-      return list(map(fn, *args))
-    return list(self.ex.map(fn, *args))
+          "preprocess_version": int(m.get("preprocess_version", ingest.PREPROCESS_VERSION))}
 
 
 def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *, on_bad_file: str = "error",
                           num_workers: int = 1, log: Callable[[str], None] = print) -> SyntheticCohort:
   """Validates, preprocesses (onto `real`'s grid) and caches the synthetic cohort in `folder`."""
-  if on_bad_file not in prepare.ON_BAD_FILE:
-    raise ValueError(f"evaluate.on_bad_file={on_bad_file!r}; choose from {prepare.ON_BAD_FILE}")
+  if on_bad_file not in ingest.ON_BAD_FILE:
+    raise ValueError(f"evaluate.on_bad_file={on_bad_file!r}; choose from {ingest.ON_BAD_FILE}")
   folder = os.path.abspath(folder)
   table_path = find_table(folder)
   sequences, labels = real.channels, real.labels
@@ -246,7 +222,7 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
   df = cohort.read_cohort(resolved_path, sequences)
   df.attrs["table"] = table_path
   log(f"synthetic cohort {folder}: validating {len(df)} rows ({len(files)} files)")
-  with _Workers(num_workers) as pool:
+  with ingest.WorkerPool(num_workers) as pool:
     good, problems = cohort.validate(df, labels, map_fn=pool.map)
     if problems:
       err = cohort.CohortError(table_path, problems, skippable=False)
@@ -276,7 +252,7 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
                         normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"])))
     log(f"synthetic cohort: preprocessing {len(tasks)} of {len(good)} scans onto the prepared grid "
         f"{tuple(grid['shape'])} at {grid['spacing_mm']:g} mm")
-    pool.map(prepare.process_row, tasks)
+    pool.map(ingest.process_row, tasks)
   table = pd.DataFrame({
       "participant_id": good["participant_id"], "session_id": good["session_id"], "label": good["label"],
       "label_index": good["label_index"], "age": good["age"], "sex": good["sex"], "split": "train",
@@ -316,3 +292,19 @@ def write_cohort_folder(folder: str, images: Sequence[np.ndarray], labels: Seque
   with io.atomic_path(path) as tmp:
     pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
   return path
+
+
+def synthetic_dir(config, workdir: str) -> str:
+  ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+  return os.path.abspath(os.path.expanduser(str(ev.synthetic_dir))) if str(ev.synthetic_dir) else \
+      workdir_lib.synthetic_dir(workdir)
+
+
+def load_synthetic(config, workdir: str) -> SyntheticCohort:
+  """The evaluate stage's synthetic cohort, ingested onto the prepared grid (cached in
+  WORKDIR/evaluation/synthetic_cache)."""
+  ev = config_lib.block(config, "evaluate", config_lib.evaluate_config)
+  workdir = os.path.abspath(workdir)
+  return load_synthetic_cohort(
+      synthetic_dir(config, workdir), load_prepared(workdir), workdir_lib.synthetic_cache_dir(workdir),
+      on_bad_file=str(ev.on_bad_file), num_workers=int(ev.num_workers))

@@ -30,31 +30,29 @@ in the log.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-import scipy.stats
 
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
-from synthmri_jax.evaluation import config as config_lib
-from synthmri_jax.evaluation import feature_weights, fidelity, stats
+from synthmri_jax.config_blocks import evaluate as config_lib
+from synthmri_jax.evaluation import feature_weights, fidelity, fidelity_report, stats
 from synthmri_jax.evaluation.arms import Arm, Concat, Subset, fraction_name, plan_arms, subsample_real
 from synthmri_jax.evaluation.synthetic_cohort import SyntheticCohort
 from synthmri_jax.models import classifier as classifier_lib
 from synthmri_jax.models import segmenter as segmenter_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
-from synthmri_jax.training.tasks.classifier import ClassifierTask, predict_source
-from synthmri_jax.training.tasks.segmenter import SegmenterTask
+from synthmri_jax.tasks.classifier import ClassifierTask, predict_source
+from synthmri_jax.tasks.segmenter import SegmenterTask
 from synthmri_jax import workdir as workdir_lib
+from synthmri_jax import xla_flags
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
@@ -66,19 +64,6 @@ EXTRACTOR = "trtr_classifier"
 
 
 # ------------------------------------------------------------------------------ data
-
-class _Volumes:
-  """Lazy (X, Y, Z) volumes of one channel of a source, for the pairwise MS-SSIM."""
-
-  def __init__(self, source: loader.Source, channel: int):
-    self.source, self.channel = source, channel
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, i: int) -> np.ndarray:
-    return np.asarray(self.source[int(i)]["image"][..., self.channel], np.float64)
-
 
 def _split_source(prepared: PreparedCohort, split: str) -> loader.CohortSource | None:
   return loader.CohortSource(prepared, split) if len(prepared.split(split)) else None
@@ -113,85 +98,6 @@ def _variables_from_run(run_dir: str) -> dict[str, Any]:
   return feature_weights.variables_from_checkpoint(os.path.join(run_dir, "checkpoints"))
 
 
-def _bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0) -> dict[str, Any]:
-  """Mean of per-subject values with a scipy bootstrap interval (percentile where BCa is undefined)."""
-  v = np.asarray(values, np.float64)
-  if v.size == 0:
-    return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "alpha": float(alpha), "method": "no subjects"}
-  out = {"mean": float(v.mean()), "n": int(v.size), "alpha": float(alpha)}
-  if v.size < 2 or np.all(v == v[0]):
-    return dict(out, ci_low=out["mean"], ci_high=out["mean"], se=0.0, method="degenerate (constant or n < 2)")
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha, method=method,
-                                rng=np.random.default_rng(seed))
-    used = method
-    if not np.all(np.isfinite([res.confidence_interval.low, res.confidence_interval.high])):
-      res = scipy.stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=1 - alpha,
-                                  method="percentile", rng=np.random.default_rng(seed))
-      used = "percentile"
-  return dict(out, ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high),
-              se=float(res.standard_error), method=used)
-
-
-def _two_sample_bootstrap(a: np.ndarray, b: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
-                          n_boot: int, alpha: float, seed: int = 0, floor: float | None = None) -> dict[str, Any]:
-  """Bias-shifted percentile interval of fn(a, b), resampling the rows of each set independently
-  (scipy.stats.bootstrap's distribution). A resample repeats subjects, which inflates distances
-  such as FD: on 16 vs 24 real scans the plain percentile interval lay entirely above the
-  estimate (and the basic interval entirely below it). Shifting the bootstrap distribution by
-  its bias (mean - estimate) keeps its spread and centres it on the estimate. `floor`: the
-  statistic's lower bound (0 for FD), applied to the interval."""
-  ia, ib = np.arange(len(a)), np.arange(len(b))
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    res = scipy.stats.bootstrap((ia, ib), lambda i, j: fn(a[i], b[j]), n_resamples=n_boot, vectorized=False,
-                                paired=False, confidence_level=1 - alpha, method="percentile",
-                                rng=np.random.default_rng(seed))
-  dist = np.asarray(res.bootstrap_distribution, np.float64)
-  dist = dist[np.isfinite(dist)]
-  bias = float(dist.mean() - fn(a, b))
-  lo, hi = (float(q) - bias for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
-  if floor is not None:
-    lo, hi = max(lo, floor), max(hi, floor)
-  return {"ci_low": lo, "ci_high": hi, "se": float(dist.std(ddof=1)), "bootstrap_bias": bias, "n_boot": int(n_boot),
-          "alpha": float(alpha), "method": "bias-shifted percentile bootstrap (subjects of each set resampled)"
-                                           + ("" if floor is None else f", floored at {floor:g}")}
-
-
-def json_safe(obj: Any) -> Any:
-  """NaN / inf -> None (e.g. the SD of one seed), so evaluation.json is strict JSON."""
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  if isinstance(obj, (float, np.floating)):
-    return float(obj) if math.isfinite(obj) else None
-  return obj
-
-
-def _fd(a: np.ndarray, b: np.ndarray) -> float:
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return fidelity.frechet_distance(a, b)
-
-
-def enable_compilation_cache(directory: str) -> None:
-  """JAX's persistent compilation cache in `directory`, unless the process already has one.
-
-  Every run of the study compiles the same train / eval / predict programs (same shapes, same
-  config; only the data and the seed, which is state, differ), and on CPU compiling is most of
-  a small run's time (measured: 61 s per 60-step toy run without the cache, 7 s with it). The
-  cache is keyed by the program, so a hit is exactly what a fresh compile would produce.
-  JAX reads the setting at its first compile that has a directory set, so this works even after
-  earlier compiles without one; a directory already set (by the user or the entry point) wins.
-  """
-  if jax.config.jax_compilation_cache_dir:
-    return
-  os.makedirs(directory, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", directory)
-
-
 # ------------------------------------------------------------------------------ the study
 
 
@@ -210,7 +116,7 @@ class Study:
     self.log = log or (lambda msg: print(msg, flush=True))
     self.labels = self.real.labels
     if bool(self.ev.compilation_cache):
-      enable_compilation_cache(os.path.join(workdir_lib.evaluation_dir(self.workdir), "compile_cache"))
+      xla_flags.enable_compilation_cache(os.path.join(workdir_lib.evaluation_dir(self.workdir), "compile_cache"))
     self.mesh_cfg = config.get("mesh", None) if config is not None else None
     self.mesh = mesh_lib.make_mesh(self.mesh_cfg) if self.mesh_cfg is not None else None   # None: trainer's default
     self.base_seed = int(config.get("seed", 0)) if config is not None else 0
@@ -374,7 +280,7 @@ class Study:
   def _dice_summary(self, result: dict[str, Any]) -> dict[str, Any]:
     d = np.asarray(result["test"]["dice"])
     has = np.asarray(result["test"]["has_lesion"], bool)
-    boot = lambda v: _bootstrap_mean(v, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
+    boot = lambda v: stats.bootstrap_mean(v, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
     return {"all": boot(d), "with_lesion": boot(d[has])}
 
   # ---------------------------------------------------------------- stages
@@ -391,7 +297,7 @@ class Study:
       out["segmentation"] = {"SEG_real": self._seg_summary(seg)}
     else:
       out["segmentation"] = {"skipped": why}
-    io.write_json_atomic(os.path.join(workdir_lib.evaluation_dir(self.workdir), workdir_lib.CLASSIFY_FILE), json_safe(out))
+    io.write_json_atomic(os.path.join(workdir_lib.evaluation_dir(self.workdir), workdir_lib.CLASSIFY_FILE), io.json_safe(out))
     return out
 
   def run(self) -> dict[str, Any]:
@@ -418,7 +324,7 @@ class Study:
         "fidelity": self._fidelity(),
     }
     out["seconds"] = round(time.time() - t0, 1)
-    out = json_safe(out)
+    out = io.json_safe(out)
     path = os.path.join(workdir_lib.evaluation_dir(self.workdir), workdir_lib.EVALUATION_FILE)
     io.write_json_atomic(path, out)
     self.log(format_table(out))
@@ -529,7 +435,7 @@ class Study:
     for r in syn:
       if r["seed"] in by_seed:
         d = np.asarray(r["test"]["dice"]) - np.asarray(by_seed[r["seed"]]["test"]["dice"])
-        deltas.append(dict(seed=r["seed"], **_bootstrap_mean(d, int(self.ev.n_boot), float(self.ev.alpha),
+        deltas.append(dict(seed=r["seed"], **stats.bootstrap_mean(d, int(self.ev.n_boot), float(self.ev.alpha),
                                                               str(self.ev.ci_method))))
     return {"SEG_real": self._seg_summary(real), "SEG_synthetic": self._seg_summary(syn),
             "delta_synthetic_minus_real": {"per_seed": deltas, "over_seeds": stats.summarize_seeds(
@@ -543,25 +449,6 @@ class Study:
     return {name: predict_source(predict, variables, src, bs)["features"].astype(np.float64)
             for name, src in sources.items() if src is not None}
 
-  def _fd_kid(self, name: str, feats: dict[str, np.ndarray], n_seeds: int) -> dict[str, Any]:
-    ev = self.ev
-    nb, alpha = int(ev.fidelity_boot), float(ev.alpha)
-    kid_kw = dict(num_subsets=int(ev.kid_subsets), subset_size=int(ev.kid_subset_size))
-    kid_fn = lambda a, b: fidelity.kernel_inception_distance(a, b, **kid_kw)[0]
-    out = {}
-    pairs = [("real_test_vs_synthetic", feats["test"], feats["synthetic"])]
-    if "val" in feats and len(feats["val"]) >= 2:
-      pairs.append(("real_val_vs_real_test (reference: two real samples)", feats["val"], feats["test"]))
-    for label, a, b in pairs:
-      kid_mean, kid_sd = fidelity.kernel_inception_distance(a, b, **kid_kw)
-      fd_entry = dict(value=_fd(a, b), **_two_sample_bootstrap(a, b, _fd, nb, alpha, floor=0.0), n_a=len(a), n_b=len(b),
-                      dim=int(a.shape[1]), n_seeds=n_seeds)
-      kid_entry = dict(value=kid_mean, sd_over_subsets=kid_sd, **_two_sample_bootstrap(a, b, kid_fn, nb, alpha),
-                       n_a=len(a), n_b=len(b), n_seeds=n_seeds, **kid_kw)
-      out.setdefault(f"FD_{name}", {})[label] = fd_entry
-      out.setdefault(f"KID_{name}", {})[label] = kid_entry
-    return out
-
   def _fidelity(self) -> dict[str, Any]:
     trtr_dir = os.path.join(self.runs_dir(), "TRTR", "seed0")
     task = self.classifier_task()
@@ -569,40 +456,13 @@ class Study:
     sources = {"test": self.test_source, "synthetic": syn, "val": self.val_source}
     out = {"extractors": {EXTRACTOR: f"penultimate features of the TRTR classifier (seed {self.base_seed}), "
                                      f"{trtr_dir}"}}
-    out.update(self._fd_kid(EXTRACTOR, self._features(task.predict, _variables_from_run(trtr_dir), sources), 1))
+    out.update(fidelity_report.fd_kid(EXTRACTOR, self._features(task.predict, _variables_from_run(trtr_dir), sources), 1, self.ev))
     if str(self.ev.feature_weights):
       name, user_task, variables = self._user_extractor()
       out["extractors"][name] = f"user-supplied weights {os.path.abspath(str(self.ev.feature_weights))}"
-      out.update(self._fd_kid(name, self._features(user_task.predict, variables, sources), 1))
-    out["ms_ssim_diversity"] = self._diversity(syn)
-    return out
-
-  def _diversity(self, syn: loader.Source) -> dict[str, Any]:
-    n_pairs = int(self.ev.diversity_pairs)
-    if self.real.meta.get("normalization") == "percentile":
-      data_range = 1.0
-    else:
-      vals = [self.train_source[i]["image"] for i in range(min(len(self.train_source), 16))]
-      data_range = float(np.max([v.max() for v in vals]) - np.min([v.min() for v in vals]))
-    out = {"data_range": data_range, "n_pairs": n_pairs, "note": "lower = more diverse; mean over random pairs",
-           "channels": {}}
-    for c, channel in enumerate(self.real.channels):
-      entry = {}
-      for label, src in (("synthetic", syn), ("real_train", self.train_source)):
-        if len(src) < 2:
-          continue
-        try:
-          mean, sd = fidelity.ms_ssim_diversity(_Volumes(src, c), data_range=data_range, n_pairs=n_pairs, seed=0)
-        except ValueError as e:   # e.g. a grid smaller than the SSIM window
-          entry[label] = {"skipped": str(e)}
-          continue
-        n = min(n_pairs, len(src) * (len(src) - 1) // 2)
-        z = scipy.stats.norm.ppf(1 - float(self.ev.alpha) / 2)
-        half = z * sd / math.sqrt(max(n, 1))
-        entry[label] = {"mean": mean, "sd": sd, "n_pairs": n, "n_volumes": len(src), "ci_low": mean - half,
-                        "ci_high": mean + half, "n_seeds": 1,
-                        "ci_method": "normal approximation over pairs (pairs share volumes: optimistic)"}
-      out["channels"][channel] = entry
+      out.update(fidelity_report.fd_kid(name, self._features(user_task.predict, variables, sources), 1, self.ev))
+    out["ms_ssim_diversity"] = fidelity_report.diversity(syn, self.train_source, self.real.channels,
+                                                         str(self.real.meta.get("normalization")), self.ev)
     return out
 
   def _user_extractor(self):

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.sharding import constrain
 
@@ -40,16 +41,6 @@ ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 # latter the main path shrinks ~6x in variance per convolution, scans become nearly
 # indistinguishable at the pooled features, and some seeds never leave chance level.
 HE_INIT = nn.initializers.he_normal()
-
-
-def per_stage(value: int | Sequence[int], stages: int, name: str) -> tuple[int, ...]:
-  """An int (same for every stage) or one entry per stage."""
-  if isinstance(value, int):
-    return (int(value),) * stages
-  out = tuple(int(v) for v in value)
-  if len(out) != stages:
-    raise ValueError(f"{name} needs one entry per stage ({stages}), got {out}")
-  return out
 
 
 def group_norm(channels: int, groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
@@ -84,7 +75,18 @@ class ResBlock(nn.Module):
 
 
 class ResNet3D(nn.Module):
-  """Volumes (B, X, Y, Z, C) -> class logits (B, num_classes); see the module docstring."""
+  """Volumes (B, X, Y, Z, C) -> class logits (B, num_classes); see the module docstring.
+
+  Args:
+    num_classes: number of logits (2 for binary).
+    channels: width of each stage; each stage after the first halves the grid (stride-2 conv).
+    blocks: residual blocks per stage, one int for all stages or one per stage.
+    stem_stride: stride of the first convolution (2 halves the grid before the first stage).
+    norm_groups: GroupNorm groups (the largest count <= this dividing the width is used).
+    dropout: dropout rate inside the residual blocks (train=True only).
+    dtype: compute dtype (params stay float32).
+    conv_impl: the 3D convolution's formulation (models.conv.select_impl).
+  """
 
   num_classes: int = 2
   channels: Sequence[int] = (8, 16, 32)
@@ -99,7 +101,7 @@ class ResNet3D(nn.Module):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     if self.num_classes < 2:
       raise ValueError(f"num_classes must be >= 2 (binary uses 2 logits), got {self.num_classes}")
-    blocks = per_stage(self.blocks, len(self.channels), "blocks")
+    blocks = tuple(int(n) for n in layers.per_level(self.blocks, len(self.channels), "blocks"))
     x = constrain(x.astype(self.dtype), ACT_5D)
     x = Conv3D(self.channels[0], kernel_size=3, strides=self.stem_stride, padding="SAME", use_bias=True,
                impl=self.conv_impl, dtype=self.dtype, kernel_init=HE_INIT, name="stem")(x)

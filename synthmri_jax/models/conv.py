@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from synthmri_jax.utils import backend as backend_lib
+
 Array = jax.Array
 Padding = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
 
@@ -56,12 +58,13 @@ _PHASE_MIN_COUT = 8
 
 
 def select_impl(impl: str = "auto", backend: str | None = None) -> str:
-  """'native' or 'cpu'. 'auto' -> 'cpu' iff the backend (default: jax.default_backend()) is CPU."""
+  """'native' or 'cpu'. 'auto' -> 'cpu' iff the backend (default: utils.backend.target(), the platform
+  being built for) is CPU."""
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
-  backend = jax.default_backend() if backend is None else backend
+  backend = backend_lib.target() if backend is None else backend
   return "cpu" if backend == "cpu" else "native"
 
 

@@ -29,6 +29,17 @@ ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 
 
 class PatchDiscriminator(nn.Module):
+  """Volumes (B, X, Y, Z, C) -> patch logits (B, ceil(X / 2^num_layers), ..., out_channels).
+
+  Args:
+    channels: width of the first conv; each further layer doubles it.
+    num_layers: strided layers after the first conv (the last at stride 1).
+    kernel_size: cubic kernel of every conv (MONAI's 4).
+    norm_groups: GroupNorm groups (instead of MONAI's BatchNorm; see the module docstring).
+    out_channels: logits per patch.
+    negative_slope: LeakyReLU slope.
+    dtype: compute dtype (params stay float32).
+  """
   channels: int = 32
   num_layers: int = 3
   kernel_size: int = 4

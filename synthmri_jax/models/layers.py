@@ -22,6 +22,7 @@ import numpy as np
 
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D, torch_like_init
 from synthmri_jax.sharding import constrain
+from synthmri_jax.utils import backend as backend_lib
 
 Array = jax.Array
 
@@ -134,7 +135,7 @@ def select_attention_impl(impl: str | None, dtype, head_dim: int, backend: str |
   bf16/fp16 with head_dim a multiple of 8 up to 128 (its supported case), else XLA."""
   if impl != "auto":
     return impl
-  backend = jax.default_backend() if backend is None else backend
+  backend = backend_lib.target() if backend is None else backend
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else None
 

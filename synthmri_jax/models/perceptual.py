@@ -42,6 +42,12 @@ from synthmri_jax.models.conv import Conv3D
 
 
 class FeatureNet3D(nn.Module):
+  """Volumes -> the list of per-stage feature maps the perceptual distance compares.
+
+  Args:
+    channels: width of each stage (each after the first halves the grid).
+    dtype: compute dtype (params stay float32).
+  """
   channels: Sequence[int] = (16, 32, 64)
   dtype: Any = jnp.float32
 

@@ -16,13 +16,24 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from synthmri_jax.models.classifier import ACT_5D, ResBlock, group_norm, per_stage
+from synthmri_jax.models import layers
+from synthmri_jax.models.classifier import ACT_5D, ResBlock, group_norm
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
 from synthmri_jax.sharding import constrain
 
 
 class UNet3D(nn.Module):
-  """Volumes (B, X, Y, Z, C) -> per-voxel logits (B, X, Y, Z, num_classes) (class 0 = background)."""
+  """Volumes (B, X, Y, Z, C) -> per-voxel logits (B, X, Y, Z, num_classes) (class 0 = background).
+
+  Args:
+    num_classes: classes per voxel, background included.
+    channels: width of each level; the grid is padded to a multiple of 2^(levels - 1) and
+      cropped back at the output.
+    blocks: residual blocks per level, one int or one per level.
+    norm_groups: GroupNorm groups (the largest count <= this dividing the width is used).
+    dtype: compute dtype (params stay float32).
+    conv_impl: the 3D convolution's formulation (models.conv.select_impl).
+  """
 
   num_classes: int = 2
   channels: Sequence[int] = (8, 16, 32)
@@ -38,7 +49,7 @@ class UNet3D(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     levels = len(self.channels)
-    blocks = per_stage(self.blocks, levels, "blocks")
+    blocks = tuple(int(n) for n in layers.per_level(self.blocks, levels, "blocks"))
     spatial = x.shape[1:4]
     m = 2 ** (levels - 1)
     pad = [(0, -s % m) for s in spatial]

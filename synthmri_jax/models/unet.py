@@ -356,6 +356,24 @@ class DiffusionUNet(nn.Module):
   with_conditioning=False). num_class_embeds adds MONAI's class embedding of cond['label'] to
   the timestep embedding (labels < 0 use an extra null row). remat wraps every ResBlock and
   attention block in nn.remat.
+
+  Args:
+    out_channels: channels of the prediction (the latent's channels).
+    channels: width of each resolution level; each level after the first halves the grid.
+    num_res_blocks: ResBlocks per level, one int for all levels or one per level.
+    attention_levels: per level, whether its blocks are followed by attention (a
+      SpatialTransformer with cross-attention, or self-attention without conditioning).
+    num_head_channels: channels per attention head, one int or one per level.
+    norm_num_groups: GroupNorm groups (MONAI's name); must divide every level's width.
+    with_conditioning: cross-attention to the condition tokens (needs `conditioning`).
+    transformer_num_layers: transformer blocks per SpatialTransformer.
+    conditioning: the label and attributes the model is conditioned on (tokens, and with
+      cond_in_temb also added to the timestep embedding).
+    cond_in_temb: add the pooled condition embedding to the timestep embedding too.
+    num_class_embeds: MONAI's class embedding of cond['label'] (None: off).
+    remat: rematerialise every block in the backward pass (memory for compute).
+    dtype: compute dtype (params stay float32).
+    conv_impl: the 3D convolution's formulation (models.conv.select_impl; "auto" by backend).
   """
 
   out_channels: int

@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
@@ -74,6 +75,14 @@ class Task(Protocol):
   # def trainable(self, path: tuple[str, ...]) -> bool:
   #   False for a params leaf (path of dict keys, e.g. ('decoder', 'Conv_0', 'kernel')) that
   #   must not change: it gets no gradient, no optimizer state, and stays bit-identical.
+
+
+def valid_weights(batch: Mapping[str, Any], key: str) -> jax.Array:
+  """(B,) float32 row weights: batch['valid'] (eval and Poisson padding rows are 0), or ones for the
+  rows of batch[key] when the batch has no padding."""
+  if "valid" in batch:
+    return batch["valid"].astype(jnp.float32)
+  return jnp.ones((batch[key].shape[0],), jnp.float32)
 
 
 def evaluate_fn(task: Task):

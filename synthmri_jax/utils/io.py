@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -69,6 +70,17 @@ def _json_default(o):
 # "SystemError: AST constructor recursion depth mismatch" in a quickstart run. Headers are
 # parsed under one lock; the data are read outside it.
 _NPY_HEADER_LOCK = threading.Lock()
+
+
+def json_safe(obj: Any) -> Any:
+  """NaN / inf -> None (e.g. the SD of one seed), so evaluation.json is strict JSON."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
 
 
 def load_npy(path: str, mmap: bool = False) -> np.ndarray:

@@ -17,11 +17,8 @@ import numpy as np
 import optax
 
 from synthmri_jax.data import loader
+from synthmri_jax.training import task as task_lib
 from synthmri_jax.models.classifier import ResNet3D
-
-
-def _valid(batch) -> jax.Array:
-  return batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones(batch["label"].shape, jnp.float32)
 
 
 @dataclasses.dataclass
@@ -46,7 +43,7 @@ class ClassifierTask:
   def loss(self, params, model_state, batch, rng, step):
     logits = self.model.apply({"params": params, **model_state}, batch["image"], train=True, rngs={"dropout": rng})
     labels = batch["label"].astype(jnp.int32)
-    w = _valid(batch)
+    w = task_lib.valid_weights(batch, "label")
     ce = self._ce(logits.astype(jnp.float32), labels)
     loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
     acc = jnp.sum((jnp.argmax(logits, -1) == labels) * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -55,7 +52,7 @@ class ClassifierTask:
   def evaluate(self, params, model_state, batch):
     logits = self.model.apply({"params": params, **model_state}, batch["image"], train=False)
     labels = batch["label"].astype(jnp.int32)
-    w = _valid(batch)
+    w = task_lib.valid_weights(batch, "label")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return {"loss": jnp.sum(ce * w), "accuracy": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
             "count": jnp.sum(w)}

@@ -14,14 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from synthmri_jax.training import task as task_lib
 from synthmri_jax.models.segmenter import UNet3D
 
 _EPS = 1.0
-
-
-def _valid(batch) -> jax.Array:
-  b = batch["mask"].shape[0]
-  return batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones((b,), jnp.float32)
 
 
 @dataclasses.dataclass
@@ -43,7 +39,7 @@ class SegmenterTask:
   def loss(self, params, model_state, batch, rng, step):
     logits = self.model.apply({"params": params, **model_state}, batch["image"], train=True)
     labels = self._labels(batch)
-    w = _valid(batch)[:, None, None, None]
+    w = task_lib.valid_weights(batch, "mask")[:, None, None, None]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     ce = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w) * ce[0].size, 1.0)
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
@@ -62,7 +58,7 @@ class SegmenterTask:
     inter = jnp.sum(pred & target, axis=(1, 2, 3)).astype(jnp.float32)
     total = (jnp.sum(pred, axis=(1, 2, 3)) + jnp.sum(target, axis=(1, 2, 3))).astype(jnp.float32)
     dice = jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), 1.0)
-    w = _valid(batch)
+    w = task_lib.valid_weights(batch, "mask")
     return {"dice": jnp.sum(dice * w), "count": jnp.sum(w)}
 
   def predict(self, params, model_state, batch) -> dict[str, jax.Array]:

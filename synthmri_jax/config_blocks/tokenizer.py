@@ -7,9 +7,9 @@ Resolutions are given as the number of 2x downsamplings from the volume grid: wi
 `channels` of length L the generative latent sits at 1/2^(L-1) and the clinical latent at
 1/2^clinical.level (quickstart 40x48x40: clinical 20x24x20, generative 10x12x10).
 
-Train settings: the stage runner starts from `config.train` (if the config has one; else the
-trainer's defaults), overlays `tokenizer.train` (common to every stage of the tokenizer) and
-then `tokenizer.stage_train.<stage>` for the stage being run. Stage names: 'clinical',
+Train settings: the phase runner starts from `config.train` (if the config has one; else the
+trainer's defaults), overlays `tokenizer.train` (common to every phase of the tokenizer) and
+then `tokenizer.phase_train.<phase>` for the phase being run. Phase names: 'clinical',
 'generative', 'joint' for the dual variant, 'main' for vqvae / vqgan.
 """
 
@@ -29,11 +29,11 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = "dual"                 # 'dual' (BrainG3N) | 'vqvae' | 'vqgan'
   c.batch_size = 2 if quick else 0   # global batch; 0: config.data.batch_size
-  # The trainer's evaluation (every train.eval_every steps and at each stage's end, with image
+  # The trainer's evaluation (every train.eval_every steps and at each phase's end, with image
   # summaries). Off in the quickstart: each eval is one more compile of the model on 2 CPU
-  # cores; the stage always evaluates the final model on 'val' (tokenizer_metrics.json, and
-  # eval/* scalars + images in the last stage's TensorBoard).
-  c.stage_eval = not quick
+  # cores; the phase always evaluates the final model on 'val' (tokenizer_metrics.json, and
+  # eval/* scalars + images in the last phase's TensorBoard).
+  c.phase_eval = not quick
 
   # ------------------------------------------------------------ architecture
   a = c.model = ml_collections.ConfigDict()
@@ -52,7 +52,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   cl.code_dim = 16 if quick else 256
   cl.dropout = 0.25                  # P(clinical features replaced by the learned null) per training volume
   cl.fusion = "cross_attention+aligned"  # or "cross_attention": see DualTokenizer
-  cl.head_res_blocks = 0 if quick else 1   # ResBlocks of the clinical reconstruction head (stage 1 target)
+  cl.head_res_blocks = 0 if quick else 1   # ResBlocks of the clinical reconstruction head (phase 1 target)
 
   g = c.generative = ml_collections.ConfigDict()   # also the single codebook of vqvae / vqgan
   g.num_codes = 256 if quick else 4096
@@ -82,7 +82,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   lo.edge_fraction = 0.15            # without masks: the top fraction of gradient-magnitude voxels are edges
   lo.codebook = 1.0                  # weight of the quantisers' commitment (+ codebook) losses
   lo.latent_l2 = 1e-3                # continuous autoencoder (generative.quantize=False): weight of mean(z^2)
-  lo.clinical_head = 0.5             # joint stage: keep the clinical latent decodable on its own
+  lo.clinical_head = 0.5             # joint phase: keep the clinical latent decodable on its own
 
   pe = c.perceptual = ml_collections.ConfigDict()
   pe.weights = ""                    # "" = fixed random-weight feature net (see models/perceptual.py); else .npz / .msgpack
@@ -96,13 +96,13 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   gan.num_layers = 2 if quick else 3
   gan.max_adaptive_weight = 1e4
 
-  # ------------------------------------------------------------ stages
-  c.stages = "clinical,generative,joint"            # dual; vqvae / vqgan always run one stage 'main'
+  # ------------------------------------------------------------ phases
+  c.phases = "clinical,generative,joint"            # dual; vqvae / vqgan always run one phase 'main'
   c.train = ml_collections.ConfigDict(dict(
       warmup_steps=20 if quick else 500, log_every=25 if quick else 100,
       eval_every=0 if quick else 2000, checkpoint_every=200 if quick else 2000,
       weight_decay=0.0, clip_norm=1.0))
-  s = c.stage_train = ml_collections.ConfigDict()
+  s = c.phase_train = ml_collections.ConfigDict()
   s.clinical = ml_collections.ConfigDict(dict(steps=120 if quick else 20000, lr=2e-3 if quick else 2e-4))
   s.generative = ml_collections.ConfigDict(dict(steps=240 if quick else 40000, lr=2e-3 if quick else 2e-4))
   s.joint = ml_collections.ConfigDict(dict(steps=80 if quick else 10000, lr=4e-4 if quick else 2e-5))

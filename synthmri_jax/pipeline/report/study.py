@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from synthmri_jax.report.format import fmt, fmt_ci, fmt_ci_g, fmt_g, fmt_mean_sd, fmt_p, fmt_pct, num
-from synthmri_jax.report.document import Figures, Image, Section, Table, figure, not_run
-from synthmri_jax.report.inputs import Inputs
+from synthmri_jax.pipeline.report.format import fmt, fmt_ci, fmt_ci_g, fmt_g, fmt_mean_sd, fmt_p, fmt_pct, num
+from synthmri_jax.pipeline.report.document import Figures, Image, Section, Table, figure, not_run
+from synthmri_jax.pipeline.report.inputs import Inputs
 
 
 # ---------------------------------------------------------------- classification

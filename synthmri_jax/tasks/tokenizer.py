@@ -22,7 +22,7 @@ So the generator's gradient comes from rec + g_adv only, the discriminator's fro
 only, and one optimizer step updates both. Before start_step the adversarial block is not
 computed at all (lax.cond).
 
-Dual tokenizer stages (DualTask(stage=...); `trainable` freezes the rest bit-identically):
+Dual tokenizer phases (DualTask(phase=...); `trainable` freezes the rest bit-identically):
   'clinical'   trains trunk + clinical quantiser + clinical head on rec(clinical head(z_c), x).
                The decoder, generative path and prior are frozen (and not run).
   'generative' trains the generative encoder/quantiser, the clinical-token projection, the
@@ -54,8 +54,8 @@ from synthmri_jax.models import perceptual as perc_lib
 from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.models.tokenizer import DualTokenizer, VQVAE, build_tokenizer
 
-DUAL_STAGES = ("clinical", "generative", "joint")
-_STAGE_MODULES = {
+DUAL_PHASES = ("clinical", "generative", "joint")
+_PHASE_MODULES = {
     "clinical": ("trunk", "clinical_quant_head", "clinical_vq", "clinical_head"),
     "generative": ("generative_encoder", "generative_quant_head", "generative_vq", "clinical_tokens", "decoder",
                    "prior"),
@@ -188,14 +188,14 @@ class _TokenizerTaskBase:
 
   variant = ""
 
-  def __init__(self, tcfg: Any, in_channels: int, stage: str = "main"):
+  def __init__(self, tcfg: Any, in_channels: int, phase: str = "main"):
     self.tcfg = tcfg
     self.in_channels = int(in_channels)
-    self.stage = stage
+    self.phase = phase
     self.model = build_tokenizer(tcfg, in_channels)
     self.perceptual = perc_lib.from_config(tcfg.perceptual)
     self.lcfg = tcfg.loss
-    self.name = f"tokenizer_{self.variant}" + ("" if stage == "main" else f"_{stage}")
+    self.name = f"tokenizer_{self.variant}" + ("" if phase == "main" else f"_{phase}")
     self._recon = None
 
   # -- pieces
@@ -260,8 +260,8 @@ class VQVAETask(_TokenizerTaskBase):
 
   variant = "vqvae"
 
-  def __init__(self, tcfg, in_channels, stage="main"):
-    super().__init__(tcfg, in_channels, stage)
+  def __init__(self, tcfg, in_channels, phase="main"):
+    super().__init__(tcfg, in_channels, phase)
     if not isinstance(self.model, VQVAE):
       raise ValueError(f"{type(self).__name__} needs tokenizer.variant 'vqvae' or 'vqgan', got {tcfg.variant!r}")
 
@@ -306,8 +306,8 @@ class VQGANTask(VQVAETask):
 
   variant = "vqgan"
 
-  def __init__(self, tcfg, in_channels, stage="main"):
-    super().__init__(tcfg, in_channels, stage)
+  def __init__(self, tcfg, in_channels, phase="main"):
+    super().__init__(tcfg, in_channels, phase)
     self.gcfg = tcfg.gan
     self.disc = disc_lib.from_config(tcfg.gan)
     self.conv_out = Conv3D(in_channels, kernel_size=3, strides=1, padding="SAME", use_bias=True,
@@ -369,37 +369,37 @@ class VQGANTask(VQVAETask):
 
 
 class DualTask(_TokenizerTaskBase):
-  """The dual-codebook tokenizer, one task per training stage ('clinical' | 'generative' | 'joint')."""
+  """The dual-codebook tokenizer, one task per training phase ('clinical' | 'generative' | 'joint')."""
 
   variant = "dual"
 
-  def __init__(self, tcfg, in_channels, stage="joint"):
-    if stage not in DUAL_STAGES:
-      raise ValueError(f"dual tokenizer stage must be one of {DUAL_STAGES}, got {stage!r}")
-    super().__init__(tcfg, in_channels, stage)
+  def __init__(self, tcfg, in_channels, phase="joint"):
+    if phase not in DUAL_PHASES:
+      raise ValueError(f"dual tokenizer phase must be one of {DUAL_PHASES}, got {phase!r}")
+    super().__init__(tcfg, in_channels, phase)
     if not isinstance(self.model, DualTokenizer):
       raise ValueError(f"DualTask needs tokenizer.variant 'dual', got {tcfg.variant!r}")
     self.dropout = float(tcfg.clinical.dropout)
 
   def trainable(self, path: tuple[str, ...]) -> bool:
-    if self.stage == "joint":
+    if self.phase == "joint":
       return True
-    return len(path) > 1 and path[0] == "tokenizer" and path[1] in _STAGE_MODULES[self.stage]
+    return len(path) > 1 and path[0] == "tokenizer" and path[1] in _PHASE_MODULES[self.phase]
 
   def loss(self, params, model_state, batch, rng, step):
     x = batch["image"].astype(jnp.float32)
     band = self.band(batch)
     pparams = model_state["perceptual"]
     r_vq, r_drop = jax.random.split(rng)
-    stage, lw = self.stage, self.lcfg
+    phase, lw = self.phase, self.lcfg
     b = x.shape[0]
     drop = jax.random.bernoulli(r_drop, self.dropout, (b,)) if self.dropout > 0 else None
 
     def forward(m: DualTokenizer, x):
-      if stage == "clinical":
+      if phase == "clinical":
         z_c, aux_c, _ = m.encode_clinical(x, train=True)
         return {"x_hat_clinical": m.decode_clinical_head(z_c), "vq_clinical": aux_c}
-      if stage == "generative":
+      if phase == "generative":
         z_c, aux_c, feats = m.encode_clinical(x, train=False)
         z_c, feats = jax.lax.stop_gradient(z_c), jax.lax.stop_gradient(feats)
         z_g, aux_g = m.encode_generative_from_trunk(feats, train=True)
@@ -418,13 +418,13 @@ class DualTask(_TokenizerTaskBase):
       metrics.update(rec=rec, psnr=jnp.mean(psnr(out["x_hat"], x)), **parts)
     if "x_hat_clinical" in out:
       rec_c, parts_c = self.rec_loss(pparams, out["x_hat_clinical"], x, band)
-      loss = loss + (rec_c if stage == "clinical" else float(lw.clinical_head) * rec_c)
+      loss = loss + (rec_c if phase == "clinical" else float(lw.clinical_head) * rec_c)
       metrics.update(rec_clinical_head=rec_c, psnr_clinical_head=jnp.mean(psnr(out["x_hat_clinical"], x)),
                      **{f"clinical_head_{k}": v for k, v in parts_c.items()})
-    if stage in ("clinical", "joint"):
+    if phase in ("clinical", "joint"):
       loss = loss + float(lw.codebook) * out["vq_clinical"]["loss"]
       metrics.update(self._vq_metrics("vq_clinical_", out["vq_clinical"]))
-    if stage in ("generative", "joint"):
+    if phase in ("generative", "joint"):
       loss = loss + float(lw.codebook) * out["vq_generative"]["loss"]
       loss = loss + float(self.tcfg.prior.weight) * out["prior_ce"]
       metrics.update(self._vq_metrics("vq_generative_", out["vq_generative"]),
@@ -436,7 +436,7 @@ class DualTask(_TokenizerTaskBase):
 
     def fwd(m, x):
       z_c, _, feats = m.encode_clinical(x)
-      if self.stage == "clinical":
+      if self.phase == "clinical":
         return m.decode_clinical_head(z_c)
       return m.decode(m.encode_generative_from_trunk(feats)[0], z_c)[0]
 
@@ -458,7 +458,7 @@ class DualTask(_TokenizerTaskBase):
               "idx_p": idx_p}
 
     o = model.apply(self._variables(params, model_state), x, method=fwd)
-    main = o["head"] if self.stage == "clinical" else o["encoded"]
+    main = o["head"] if self.phase == "clinical" else o["encoded"]
     out = {"psnr": psnr(main, x), "ssim": ssim3d(main, x),
            "l1": jnp.mean(jnp.abs(main - x).reshape(x.shape[0], -1), axis=-1), "band_l1": band_l1(main, x, band),
            "psnr_clinical_head": psnr(o["head"], x), "valid": valid,
@@ -475,17 +475,17 @@ class DualTask(_TokenizerTaskBase):
     return out
 
 
-def make_task(tcfg: Any, in_channels: int, stage: str = "main"):
-  """The task for config.tokenizer.variant (and the dual stage)."""
+def make_task(tcfg: Any, in_channels: int, phase: str = "main"):
+  """The task for config.tokenizer.variant (and the dual phase)."""
   variant = str(tcfg.variant)
   if variant == "dual":
-    return DualTask(tcfg, in_channels, "joint" if stage == "main" else stage)
+    return DualTask(tcfg, in_channels, "joint" if phase == "main" else phase)
   if variant == "vqvae":
-    return VQVAETask(tcfg, in_channels, stage)
+    return VQVAETask(tcfg, in_channels, phase)
   if variant == "vqgan":
-    return VQGANTask(tcfg, in_channels, stage)
+    return VQGANTask(tcfg, in_channels, phase)
   raise ValueError(f"tokenizer.variant must be 'dual', 'vqvae' or 'vqgan', got {variant!r}")
 
 
-__all__ = ["DUAL_STAGES", "DualTask", "VQGANTask", "VQVAETask", "boundary_band", "edge_band", "make_task",
+__all__ = ["DUAL_PHASES", "DualTask", "VQGANTask", "VQVAETask", "boundary_band", "edge_band", "make_task",
            "mask_band", "psnr", "ssim3d", "voxel_weights"]

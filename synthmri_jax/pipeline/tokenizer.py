@@ -3,20 +3,19 @@
     python -m synthmri_jax.main --config configs/quickstart.py --workdir W --config.stages=tokenizer
 
 Layout:
-  W/tokenizer/<stage>/checkpoints, W/tokenizer/<stage>/tb   one run of the shared trainer per stage
-      dual: clinical -> generative -> joint (config.tokenizer.stages), each initialised from the
-      previous stage's last checkpoint; vqvae / vqgan: one stage named after the variant
+  W/tokenizer/<phase>/checkpoints, W/tokenizer/<phase>/tb   one run of the shared trainer per phase
+      dual: clinical -> generative -> joint (config.tokenizer.phases), each initialised from the
+      previous phase's last checkpoint; vqvae / vqgan: one phase named after the variant
   W/tokenizer/tokenizer_metrics.json   written atomically once everything is trained and evaluated:
       val PSNR / SSIM (3D) / L1 / boundary-band L1, codebook usage + perplexity per codebook over
       the split, for the dual model the same with encoded / predicted / null clinical latents,
-      steps/s per stage, parameter count, what the perceptual net and the boundary band were.
+      steps/s per phase, parameter count, what the perceptual net and the boundary band were.
 A rerun with the same tokenizer config and cohort skips; an interrupted run resumes from the
-stage checkpoints. `load_tokenizer` gives the LDM stage the trained model and its variables.
+phase checkpoints. `load_tokenizer` gives the LDM stage the trained model and its variables.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -29,38 +28,41 @@ import numpy as np
 
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import load_prepared
+from synthmri_jax.latents import LatentCodec
 from synthmri_jax.models.quantizer import code_statistics
 from synthmri_jax.models.tokenizer import build_tokenizer
 from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import optim, trainer
-from synthmri_jax.training.tasks.tokenizer import DUAL_STAGES, make_task, mid_slices, slice_images
+from synthmri_jax.training import summaries
+from synthmri_jax.tasks.tokenizer import DUAL_PHASES, make_task, mid_slices, slice_images
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.utils import io
+from synthmri_jax.utils import config_files, io
+from synthmri_jax.utils.errors import UserInputError
 
 METRICS_FILE = workdir_lib.TOKENIZER_METRICS_FILE
 
 
-def stage_names(tcfg) -> list[str]:
+def phase_names(tcfg) -> list[str]:
   if str(tcfg.variant) != "dual":
     return [str(tcfg.variant)]
-  names = [s.strip() for s in str(tcfg.stages).split(",") if s.strip()]
-  bad = [s for s in names if s not in DUAL_STAGES]
+  names = [s.strip() for s in str(tcfg.phases).split(",") if s.strip()]
+  bad = [s for s in names if s not in DUAL_PHASES]
   if not names or bad:
-    raise ValueError(f"config.tokenizer.stages must name stages among {DUAL_STAGES}, got {tcfg.stages!r}")
+    raise ValueError(f"config.tokenizer.phases must name phases among {DUAL_PHASES}, got {tcfg.phases!r}")
   return names
 
 
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir_lib.tokenizer_dir(workdir), stage)
+def phase_dir(workdir: str, phase: str) -> str:
+  return os.path.join(workdir_lib.tokenizer_dir(workdir), phase)
 
 
-def train_config(config, stage: str) -> ml_collections.ConfigDict:
-  """config.train (if any) <- tokenizer.train <- tokenizer.stage_train.<stage or 'main'>, validated."""
+def train_config(config, phase: str) -> ml_collections.ConfigDict:
+  """config.train (if any) <- tokenizer.train <- tokenizer.phase_train.<phase or 'main'>, validated."""
   tcfg = config.tokenizer
   merged = ml_collections.ConfigDict()
   base = config.get("train", None)
-  for block in (base, tcfg.get("train", None), tcfg.stage_train.get(stage if stage in DUAL_STAGES else "main")):
+  for block in (base, tcfg.get("train", None), tcfg.phase_train.get(phase if phase in DUAL_PHASES else "main")):
     if block is not None:
       for k in block.keys():
         merged[k] = block[k]
@@ -74,12 +76,12 @@ def train_config(config, stage: str) -> ml_collections.ConfigDict:
 
 def _config_key(config, prepared) -> str:
   return workdir_lib.fingerprint({
-      "tokenizer": json.loads(config.tokenizer.to_json(sort_keys=True)),
-      "train": json.loads(config.train.to_json(sort_keys=True)) if "train" in config else None,
-      "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": _batch_size(config)})
+      "tokenizer": config_files.plain(config.tokenizer),
+      "train": config_files.plain(config.train) if "train" in config else None,
+      "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": batch_size(config)})
 
 
-def _batch_size(config) -> int:
+def batch_size(config) -> int:
   b = int(config.tokenizer.get("batch_size", 0) or 0)
   return b if b > 0 else int(config.data.batch_size)
 
@@ -130,42 +132,42 @@ def evaluate_split(task, params, model_state, source, batch_size: int, mesh) -> 
 
 def train_variant(config, workdir: str, *, log: Callable[[str], None] = print,
                   on_log: Optional[Callable[[str, int, dict], None]] = None) -> dict[str, Any]:
-  """Trains every stage of config.tokenizer on WORKDIR's prepared cohort and evaluates on 'val'.
+  """Trains every phase of config.tokenizer on WORKDIR's prepared cohort and evaluates on 'val'.
 
-  Returns the metrics dict (also what `run` writes). Resumes stage checkpoints.
+  Returns the metrics dict (also what `run` writes). Resumes phase checkpoints.
   """
   tcfg = config.tokenizer
   prepared = load_prepared(workdir)
   in_channels = len(prepared.channels)
   train_src = loader.CohortSource(prepared, "train")
   val_src = loader.CohortSource(prepared, "val")
-  batch = _batch_size(config)
+  batch = batch_size(config)
   augment = loader.Augment.from_config(config.data)
   mesh = _mesh(config)
-  stages = stage_names(tcfg)
+  phases = phase_names(tcfg)
   prev, task, state = None, None, None
-  per_stage: dict[str, Any] = {}
-  for i, stage in enumerate(stages):
-    task = make_task(tcfg, in_channels, stage if tcfg.variant == "dual" else "main")
-    tc = train_config(config, stage)
-    sdir = stage_dir(workdir, stage)
+  per_phase: dict[str, Any] = {}
+  for i, phase in enumerate(phases):
+    task = make_task(tcfg, in_channels, phase if tcfg.variant == "dual" else "main")
+    tc = train_config(config, phase)
+    sdir = phase_dir(workdir, phase)
     it = loader.train_iterator(train_src, batch, seed=int(config.data.shuffle_seed) + i, augment=augment)
     rates: list[float] = []
 
-    def logged(step, values, stage=stage, rates=rates):
+    def logged(step, values, phase=phase, rates=rates):
       if "steps_per_s" in values:
         rates.append(float(values["steps_per_s"]))
       if on_log is not None:
-        on_log(stage, step, values)
+        on_log(phase, step, values)
 
     t0 = time.time()
     init_from = os.path.join(prev, "checkpoints") if prev else None
-    log(f"tokenizer: stage {stage} ({i + 1}/{len(stages)}), {tc.train.steps} steps, batch {batch}, "
+    log(f"tokenizer: phase {phase} ({i + 1}/{len(phases)}), {tc.train.steps} steps, batch {batch}, "
         f"lr {tc.train.lr}" + (f", from {init_from}" if init_from else ""))
-    eval_fn = (lambda: loader.eval_iterator(val_src, batch)) if bool(tcfg.get("stage_eval", True)) else None
+    eval_fn = (lambda: loader.eval_iterator(val_src, batch)) if bool(tcfg.get("phase_eval", True)) else None
     state = trainer.train(task, tc, sdir, it, eval_fn, mesh=mesh, init_from=init_from, on_log=logged)
     steady = rates[1:] if len(rates) > 1 else rates
-    per_stage[stage] = {"steps": int(tc.train.steps), "lr": float(tc.train.lr), "seconds": round(time.time() - t0, 1),
+    per_phase[phase] = {"steps": int(tc.train.steps), "lr": float(tc.train.lr), "seconds": round(time.time() - t0, 1),
                         "steps_per_s": float(np.median(steady)) if steady else None,
                         "trainable_params": _count(state.params, task)}
     prev = sdir
@@ -173,12 +175,12 @@ def train_variant(config, workdir: str, *, log: Callable[[str], None] = print,
   metrics = evaluate_split(task, state.eval_params, state.model_state, val_src, batch, mesh)
   images = metrics.pop("_images")
   if jax.process_index() == 0:
-    writer = trainer.SummaryWriter(os.path.join(stage_dir(workdir, stages[-1]), "tb"))
+    writer = summaries.SummaryWriter(os.path.join(phase_dir(workdir, phases[-1]), "tb"))
     step = int(jax.device_get(state.step))
     writer.scalars(step, {f"final_eval/{k}": v for k, v in metrics.items() if isinstance(v, float)})
     writer.images(step, {f"final_eval/{k}": v for k, v in images.items()})
     writer.close()
-  return _summary(config, prepared, task, state, metrics, per_stage)
+  return _summary(config, prepared, task, state, metrics, per_phase)
 
 
 def _count(params, task) -> int:
@@ -192,13 +194,13 @@ def _count(params, task) -> int:
   return total
 
 
-def _summary(config, prepared, task, state, m, per_stage) -> dict[str, Any]:
+def _summary(config, prepared, task, state, m, per_phase) -> dict[str, Any]:
   tcfg = config.tokenizer
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params.get("tokenizer", state.params))))
   out = {
       "variant": str(tcfg.variant), "split": "val", "num_volumes": m["num_volumes"],
       "psnr": m["psnr"], "ssim": m["ssim"], "l1": m["l1"], "boundary_band_l1": m["band_l1"],
-      "codebooks": m["codebooks"], "stages": per_stage, "tokenizer_params": n_params,
+      "codebooks": m["codebooks"], "phases": per_phase, "tokenizer_params": n_params,
       "volume_shape": list(prepared.shape), "channels": prepared.channels,
       "boundary_band": ("cohort masks (edge band where a volume's mask has no boundary)" if prepared.has_masks
                         else "image edges (top {:.0%} gradient magnitude), no masks in the cohort").format(
@@ -228,7 +230,7 @@ def _latent_shape(shape, level, dim, patch=1) -> list[int]:
 def run(config, workdir: str) -> dict[str, Any]:
   """The pipeline stage: skips when tokenizer_metrics.json matches this config and cohort."""
   if "tokenizer" not in config:
-    raise ValueError("config has no `tokenizer` block; attach synthmri_jax.training.tasks.tokenizer_config."
+    raise ValueError("config has no `tokenizer` block; attach synthmri_jax.config_blocks.tokenizer."
                      "tokenizer_config(...) as config.tokenizer")
   workdir = os.path.abspath(workdir)
   path = os.path.join(workdir, "tokenizer", METRICS_FILE)
@@ -252,18 +254,49 @@ def run(config, workdir: str) -> dict[str, Any]:
   return metrics
 
 
-def load_tokenizer(config, workdir: str, stage: Optional[str] = None):
+def load_tokenizer(config, workdir: str, phase: Optional[str] = None):
   """(model, variables) of the trained tokenizer for the LDM: variables = {'params', 'vq_stats'}.
 
-  Uses the EMA params when the run kept them, else the params, of the last stage (or `stage`).
+  Uses the EMA params when the run kept them, else the params, of the last phase (or `phase`).
 
       z = model.apply(variables, x, method=model.encode_generative)
       x_hat = model.apply(variables, z, method=model.decode_from_generative)
   """
   tcfg = config.tokenizer
-  stage = stage or stage_names(tcfg)[-1]
+  phase = phase or phase_names(tcfg)[-1]
   prepared = load_prepared(workdir)
-  _, loaded = ckpt_lib.load_variables(os.path.join(stage_dir(workdir, stage), "checkpoints"))
+  _, loaded = ckpt_lib.load_variables(os.path.join(phase_dir(workdir, phase), "checkpoints"))
   params = ckpt_lib.eval_params(loaded)
   model = build_tokenizer(tcfg, len(prepared.channels))
   return model, {"params": params["tokenizer"], "vq_stats": loaded["model_state"].get("vq_stats", {})}
+
+
+def tokenizer_codec(config, workdir: str, clinical: Optional[str] = None) -> LatentCodec:
+  """The trained tokenizer of WORKDIR/tokenizer as a LatentCodec.
+
+  encode: encode_generative (quantised or not per ldm.latents.quantized); decode:
+  decode_from_generative with the clinical path `clinical` (default config.sample.clinical,
+  else 'predicted'), which snaps a sampled latent to its nearest codes first.
+  """
+  metrics = io.read_json(os.path.join(os.path.abspath(workdir), "tokenizer", METRICS_FILE))
+  if not metrics:
+    raise UserInputError(f"{workdir}/tokenizer: no trained tokenizer (tokenizer_metrics.json missing); "
+                         "run the 'tokenizer' stage first")
+  model, variables = load_tokenizer(config, workdir)
+  phase = phase_names(config.tokenizer)[-1]
+  ckpt_dir = os.path.join(phase_dir(workdir, phase), "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  quantized = bool(config.ldm.latents.quantized)
+  if clinical is None:
+    clinical = str(config.sample.clinical) if "sample" in config else "predicted"
+
+  def encode(v, x):
+    return model.apply(v, x, quantize=quantized, method=model.encode_generative)
+
+  def decode(v, z):
+    return model.apply(v, z, clinical=clinical, method=model.decode_from_generative)
+
+  key = workdir_lib.fingerprint({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
+               "quantized": quantized})
+  return LatentCodec(encode, decode, variables, key,
+                     f"{metrics.get('variant')} tokenizer, phase {phase} step {max(steps) if steps else '?'}")

@@ -9,20 +9,18 @@ mixing stale volumes into a new cohort.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io as _io
 import json
-import multiprocessing
 import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from synthmri_jax.utils.errors import UserInputError
-from synthmri_jax.data import cache, cohort, nifti
+from synthmri_jax.data import cache, cohort, ingest, nifti
 from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 from synthmri_jax import workdir as workdir_lib
@@ -32,8 +30,6 @@ from synthmri_jax import workdir as workdir_lib
 PREPARE_FIELDS = ("cohort_tsv", "sequences", "labels", "spacing_mm", "shape", "normalization",
                   "clip_percentiles", "split_seed", "split_fractions", "embedded")
 # Bump when preprocessing changes in a way that makes older caches wrong.
-PREPROCESS_VERSION = 1
-ON_BAD_FILE = ("error", "skip")
 
 
 class StaleCacheError(UserInputError, RuntimeError):
@@ -44,7 +40,7 @@ def prepare_config(data_config) -> dict[str, Any]:
   """The prepare-relevant part of config.data as plain JSON-able values."""
   full = json.loads(data_config.to_json(sort_keys=True)) if hasattr(data_config, "to_json") else dict(data_config)
   out = {k: full[k] for k in PREPARE_FIELDS if k in full}
-  out["preprocess_version"] = PREPROCESS_VERSION
+  out["preprocess_version"] = ingest.PREPROCESS_VERSION
   return out
 
 
@@ -96,48 +92,6 @@ def _npy_ok(path: str, shape: tuple[int, ...], dtype: str) -> bool:
   return tuple(got_shape) == tuple(shape) and np.dtype(got_dtype) == np.dtype(dtype)
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-  with io.atomic_path(path, suffix=".npy") as tmp:
-    np.save(tmp, array)
-
-
-def process_row(task: dict[str, Any]) -> tuple[int, float]:
-  """Preprocesses one scan and writes its cache files (mask first, image last). Runs in a
-  worker process; only the index and the time travel back."""
-  t0 = time.time()
-  try:
-    out = nifti.preprocess(task["paths"], task["mask_path"] or None, shape=task["shape"],
-                           spacing_mm=task["spacing_mm"], normalization=task["normalization"],
-                           clip_percentiles=task["clip_percentiles"])
-  except nifti.VolumeError:
-    raise
-  except Exception as e:
-    raise RuntimeError(f"preprocessing {', '.join(task['paths'])} failed: {type(e).__name__}: {e}") from e
-  if task["mask_out"]:
-    _save_npy(task["mask_out"], out.mask)
-  _save_npy(task["image_out"], out.image)
-  return task["index"], time.time() - t0
-
-
-class _Progress:
-  """'prepare: scans 12/160 (3 cached before) | 2.10/s | ETA 1m04s', at most once a second."""
-
-  def __init__(self, what: str, total: int, done: int = 0):
-    self.what, self.total, self.done, self.start_done = what, total, done, done
-    self.t0 = self.last = time.time()
-
-  def update(self, n: int = 1) -> None:
-    self.done += n
-    now = time.time()
-    if now - self.last < 1.0 and self.done < self.total:
-      return
-    self.last = now
-    rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
-    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-    before = f" ({self.start_done} cached before)" if self.start_done else ""
-    print(f"prepare: {self.what} {self.done}/{self.total}{before} | {rate:.2f}/s | ETA {durations.short(eta)}", flush=True)
-
-
 # ------------------------------------------------------------------------------ the stage
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -146,8 +100,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   d = config.data
   root = workdir_lib.data_dir(workdir)
   on_bad = str(d.on_bad_file)
-  if on_bad not in ON_BAD_FILE:
-    raise ValueError(f"data.on_bad_file={on_bad!r}; choose from {ON_BAD_FILE}")
+  if on_bad not in ingest.ON_BAD_FILE:
+    raise ValueError(f"data.on_bad_file={on_bad!r}; choose from {ingest.ON_BAD_FILE}")
   if str(d.normalization) not in nifti.NORMALIZATIONS:
     raise ValueError(f"data.normalization={d.normalization!r}; choose from {nifti.NORMALIZATIONS}")
   sequences, labels = cohort.as_list(d.sequences), cohort.as_list(d.labels)
@@ -162,7 +116,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   old_meta = io.read_json(meta_path)
   _check_not_stale(root, old_meta, prep, None)
   workers = int(d.get("num_workers", min(2, os.cpu_count() or 1)))
-  with _Pool(workers) as pool:
+  with ingest.WorkerPool(workers) as pool:
     table_path = str(d.cohort_tsv)
     if not table_path:
       from synthmri_jax.data.embedded import build_embedded_cohort
@@ -228,8 +182,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     n_total, n_cached = len(table), len(table) - len(tasks)
     print(f"prepare: {n_total} scans, {n_cached} already cached, {len(tasks)} to do "
           f"({pool.workers} worker process{'es' if pool.workers > 1 else ''})", flush=True)
-    progress = _Progress("scans", n_total, n_cached)
-    for _ in pool.run_unordered(process_row, tasks):
+    progress = ingest.Progress("scans", n_total, n_cached)
+    for _ in pool.run_unordered(ingest.process_row, tasks):
       progress.update()
 
   # ---- the table, then prepared.json with complete=true last
@@ -279,7 +233,7 @@ def _meta(d, prep, key, table_path, table_sha, table, problems, sequences, label
       "table_sha256": table_sha,
       "data_config": prep,
       "config_hash": key,
-      "preprocess_version": PREPROCESS_VERSION,
+      "preprocess_version": ingest.PREPROCESS_VERSION,
   }
 
 
@@ -289,57 +243,3 @@ def _remove_orphans(cache_dir: str, keep: set[str]) -> None:
   for name in os.listdir(cache_dir):
     if f"cache/{name}" not in keep and name.endswith(".npy"):
       os.remove(os.path.join(cache_dir, name))
-
-
-class _Pool:
-  """A spawn-based process pool when workers > 1 (fork is unsafe once jax or threads are up),
-  else plain in-process calls; `map` keeps order, `run_unordered` yields as results arrive."""
-
-  def __init__(self, workers: int):
-    self.workers = max(1, workers)
-    self._ex: concurrent.futures.ProcessPoolExecutor | None = None
-
-  def __enter__(self) -> "_Pool":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self._ex is not None:
-      self._ex.shutdown(wait=True, cancel_futures=True)
-
-  def _executor(self, n_items: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    if self.workers <= 1 or n_items <= 1:
-      return None
-    if self._ex is None:
-      self._ex = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-    return self._ex
-
-  def progress_map(self, what: str) -> Callable:
-    """A map(fn, *iterables) -> list, in order, printing progress lines as items finish."""
-
-    def map_fn(fn: Callable, *iterables) -> list:
-      args = [list(it) for it in iterables]
-      n = len(args[0]) if args else 0
-      ex = self._executor(n)
-      results = map(fn, *args) if ex is None else ex.map(fn, *args)
-      progress, out = _Progress(what, n), []
-      for r in results:
-        out.append(r)
-        progress.update()
-      return out
-
-    return map_fn
-
-  def run_unordered(self, fn: Callable, items: Sequence[Any]):
-    ex = self._executor(len(items))
-    if ex is None:
-      for item in items:
-        yield fn(item)
-      return
-    futures = [ex.submit(fn, item) for item in items]
-    try:
-      for f in concurrent.futures.as_completed(futures):
-        yield f.result()
-    finally:
-      for f in futures:
-        f.cancel()
-

@@ -9,9 +9,9 @@ from typing import Optional
 import numpy as np
 
 from synthmri_jax import workdir as W
-from synthmri_jax.report.format import fmt_g
-from synthmri_jax.report.document import SUBJECTS_PER_CLASS, Figures, Image, Section, figure, not_run
-from synthmri_jax.report.inputs import Inputs
+from synthmri_jax.pipeline.report.format import fmt_g
+from synthmri_jax.pipeline.report.document import SUBJECTS_PER_CLASS, Figures, Image, Section, figure, not_run
+from synthmri_jax.pipeline.report.inputs import Inputs
 
 
 def answer_grid(config, inp: Inputs, figs: Figures) -> Optional[Image]:
@@ -64,7 +64,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
   cache = W.synthetic_cache_dir(inp.workdir)
   if config is not None and os.path.isdir(cache):
     try:
-      from synthmri_jax.evaluation.stage import load_synthetic
+      from synthmri_jax.pipeline.evaluate import load_synthetic
       syn = load_synthetic(config, inp.workdir)
       rows = syn.table[syn.table["label"] == label].head(n)
       return ([np.asarray(syn.prepared.load_image(r, mmap=True)[..., 0], np.float32) for _, r in rows.iterrows()],

@@ -92,5 +92,5 @@ def privacy_config(profile: str = "quickstart") -> ml_collections.ConfigDict:
 
 def block(config: Any) -> ml_collections.ConfigDict:
   """privacy_config() overlaid with config.privacy; unknown keys are an error (train: optim checks)."""
-  from synthmri_jax.evaluation.config import block as config_block
+  from synthmri_jax.config_blocks.evaluate import block as config_block
   return config_block(config, "privacy", privacy_config)

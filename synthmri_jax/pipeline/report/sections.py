@@ -8,10 +8,10 @@ import time
 
 import pandas as pd
 
-from synthmri_jax.report.format import fmt, fmt_ci, fmt_g, fmt_mean_sd, fmt_pct, fmt_seconds, num
-from synthmri_jax.report.document import NOT_RUN, Figures, Section, Table, not_run
-from synthmri_jax.report.inputs import Inputs
-from synthmri_jax.report.scans import answer_grid
+from synthmri_jax.pipeline.report.format import fmt, fmt_ci, fmt_g, fmt_mean_sd, fmt_pct, fmt_seconds, num
+from synthmri_jax.pipeline.report.document import NOT_RUN, Figures, Section, Table, not_run
+from synthmri_jax.pipeline.report.inputs import Inputs
+from synthmri_jax.pipeline.report.scans import answer_grid
 
 
 # ------------------------------------------------------------------------------ sections
@@ -247,13 +247,13 @@ def tokenizer_section(inp: Inputs) -> Section:
                   [[n, f"{c.get('codes_used')} / {c.get('num_codes')}", fmt_pct(c.get("usage")),
                     fmt(c.get("perplexity"), 1)] for n, c in cbs.items()],
                   "Codebook usage over the validation split (perplexity: effective number of codes)"))
-  stages = m.get("stages") or {}
-  if stages:
-    sec.add(Table(["training stage", "steps", "learning rate", "steps/s", "wall time", "trainable params"],
+  phases = m.get("phases") or {}
+  if phases:
+    sec.add(Table(["training phase", "steps", "learning rate", "steps/s", "wall time", "trainable params"],
                   [[n, str(s.get("steps")), fmt_g(s.get("lr"), 3), fmt(s.get("steps_per_s"), 2),
                     fmt_seconds(s.get("seconds")), f"{s['trainable_params']:,}" if isinstance(
-                        s.get("trainable_params"), int) else "n/a"] for n, s in stages.items()],
-                  "Tokenizer training stages"))
+                        s.get("trainable_params"), int) else "n/a"] for n, s in phases.items()],
+                  "Tokenizer training phases"))
   return sec
 
 

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 
 from synthmri_jax.utils import io
-from synthmri_jax.report.document import REPORT_HTML, REPORT_MD, Figures, Section, render_html, render_markdown
-from synthmri_jax.report.inputs import Inputs
-from synthmri_jax.report.scans import slices_section
-from synthmri_jax.report.sections import (anatomy_section, answers_section, data_section, ldm_section, run_section, summary_section, tokenizer_section)
-from synthmri_jax.report.study import classification_section, fidelity_section, privacy_section
+from synthmri_jax.pipeline.report.document import REPORT_HTML, REPORT_MD, Figures, Section, render_html, render_markdown
+from synthmri_jax.pipeline.report.inputs import Inputs
+from synthmri_jax.pipeline.report.scans import slices_section
+from synthmri_jax.pipeline.report.sections import (anatomy_section, answers_section, data_section, ldm_section, run_section, summary_section, tokenizer_section)
+from synthmri_jax.pipeline.report.study import classification_section, fidelity_section, privacy_section
 
 
 # ------------------------------------------------------------------------------ the stage

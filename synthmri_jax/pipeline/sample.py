@@ -1,0 +1,270 @@
+"""The `sample` stage: a labelled synthetic cohort from the trained LDM, written as a BIDS-style folder.
+
+    python -m synthmri_jax.main --config configs/quickstart.py --workdir W --config.stages=sample
+
+  W/synthetic/sub-synthNNNN/anat/sub-synthNNNN_<SEQ>.nii.gz   one per sequence of the prepared cohort,
+                                  clean header, the prepared grid's affine
+  W/synthetic/participants.tsv    participant_id, label, age, sex, seed (+ any further attributes)
+  W/synthetic/dataset_description.json   DatasetType 'derivative'; GeneratedBy names synthmri_jax, its
+                                  version, the LDM checkpoint step and the config hash
+  W/synthetic_state.json          resume bookkeeping (outside the cohort folder, which stays pure BIDS)
+
+Nothing of the training data is written: subject ids are sub-synthNNNN, no path appears, headers
+are built fresh (nifti.write_nifti).
+
+Determinism and resume: labels are allocated exactly to the requested fractions and shuffled with
+sample.seed; subject i's remaining attributes and its diffusion noise come from (sample.seed, i)
+only. Subjects are generated in fixed batches (same composition in every run, so a resumed run is
+bitwise the straight one); a subject's files are written atomically, a batch whose files all
+exist is skipped, and an interrupted run regenerates only the batches with missing files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pandas as pd
+
+import synthmri_jax
+from synthmri_jax import workdir as workdir_lib
+from synthmri_jax.data import nifti
+from synthmri_jax.data.cache import load_prepared
+from synthmri_jax.generation.attributes import SEX_NAMES, plan_subjects
+from synthmri_jax.generation.generator import load_trained
+from synthmri_jax.latents import LatentCodec
+from synthmri_jax.models import unet as unet_lib
+from synthmri_jax import sharding as mesh_lib
+from synthmri_jax.utils import config_files, durations
+from synthmri_jax.utils import io
+from synthmri_jax.utils.errors import UserInputError
+
+OUT_DIR = "synthetic"
+STATE_FILE = "synthetic_state.json"
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+  """The seed of a subject's `attempt`-th regeneration (reject_copies): a function of both only."""
+  return int(np.random.SeedSequence([int(seed), int(attempt), 0x5EED]).generate_state(1)[0])
+
+
+def _pid(i: int, n: int) -> str:
+  return f"sub-synth{i + 1:0{max(4, len(str(n)))}d}"
+
+
+def _files(out_dir: str, pid: str, channels: Sequence[str]) -> list[str]:
+  return [os.path.join(out_dir, pid, "anat", f"{pid}_{seq}.nii.gz") for seq in channels]
+
+
+def participants_table(plan: Mapping[str, np.ndarray], labels: Sequence[str], attributes) -> pd.DataFrame:
+  n = len(plan["seed"])
+  cols: dict[str, Any] = {"participant_id": [_pid(i, n) for i in range(n)],
+                          "label": [labels[int(y)] for y in plan[unet_lib.LABEL]]}
+  for a in attributes:
+    v = plan[a.name]
+    if a.kind == "continuous":
+      cols[a.name] = [f"{x:.1f}" if np.isfinite(x) else "n/a" for x in v]
+    elif a.name == "sex":
+      cols[a.name] = [SEX_NAMES[int(x)] if 0 <= x < 2 else "n/a" for x in v]
+    else:
+      cols[a.name] = [str(int(x)) if x >= 0 else "n/a" for x in v]
+  for k in ("age", "sex"):   # the columns every consumer expects, even when not conditioned on
+    cols.setdefault(k, ["n/a"] * n)
+  cols["seed"] = [int(x) for x in plan["seed"]]
+  order = ["participant_id", "label", "age", "sex", "seed"]
+  return pd.DataFrame(cols)[order + [c for c in cols if c not in order]]
+
+
+def _clear_outputs(out_dir: str) -> None:
+  """Removes a previous run's cohort (only what this stage writes)."""
+  if not os.path.isdir(out_dir):
+    return
+  for name in os.listdir(out_dir):
+    path = os.path.join(out_dir, name)
+    if name.startswith("sub-synth") and os.path.isdir(path):
+      shutil.rmtree(path)
+    elif name in ("participants.tsv", "dataset_description.json"):
+      os.remove(path)
+
+
+def _timing(t_sample: list[float], t_decode: list[float]) -> dict[str, Any]:
+  """Median per-volume sampling / decoding seconds over the batches after the first (which compiles)."""
+  steady_s = t_sample[1:] if len(t_sample) > 1 else t_sample
+  steady_d = t_decode[1:] if len(t_decode) > 1 else t_decode
+  return {"sampling_s_per_volume": float(np.median(steady_s)) if steady_s else None,
+          "decoding_s_per_volume": float(np.median(steady_d)) if steady_d else None,
+          "first_batch_s_per_volume": t_sample[0] + t_decode[0] if t_sample else None}
+
+
+def _dataset_description(config, what: str, codec_description: str, step: int) -> dict[str, Any]:
+  """The cohort's BIDS dataset_description.json: a derivative, with what generated it."""
+  return {
+      "Name": "synthmri_jax synthetic cohort",
+      "BIDSVersion": "1.9.0",
+      "DatasetType": "derivative",
+      "GeneratedBy": [{
+          "Name": "synthmri_jax",
+          "Version": synthmri_jax.__version__,
+          "Description": (f"conditional 3D latent DDPM, {what}, classifier-free guidance "
+                          f"{float(config.sample.guidance_scale):g}; decoded by the {codec_description}"),
+          "CheckpointStep": int(step),
+          "ConfigHash": workdir_lib.config_hash(config),
+      }],
+  }
+
+
+def _reject_copies(config, workdir: str, rows: np.ndarray, x: np.ndarray, generate: Callable[[np.ndarray], np.ndarray],
+                   seeds: np.ndarray, pids: Sequence[str], reseeded: dict[int, int], rejections: dict[str, Any],
+                   log: Callable[[str], None]) -> np.ndarray:
+  """Regenerates (new seed, same attributes) every subject the privacy copy check flags, until
+  none is flagged or sample.reject_max_attempts is spent (then a UserInputError). Updates seeds,
+  reseeded and rejections in place (the sample state records them for an exact resume)."""
+  from synthmri_jax.evaluation import privacy   # builds the privacy encoder on first use
+  max_attempts = int(config.sample.reject_max_attempts)
+  x = x.copy()
+  todo = np.arange(len(rows))
+  for attempt in range(1, max_attempts + 1):
+    flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+    hit = todo[np.asarray(flags["is_copy"], bool)]
+    for j in hit:
+      k = list(todo).index(j)
+      rejections["count"] += 1
+      rejections["subjects"].append({"participant_id": pids[rows[j]], "attempt": attempt,
+                                     "score": float(flags["score"][k]), "measure": str(flags["measure"][k])})
+      seeds[rows[j]] = retry_seed(int(seeds[rows[j]]), attempt)
+      reseeded[int(rows[j])] = int(seeds[rows[j]])
+    if not len(hit):
+      return x
+    log(f"sample: {len(hit)} generated subject(s) flagged as copies of training scans, regenerating "
+        f"(attempt {attempt})")
+    x[hit] = generate(rows[hit])
+    todo = hit
+  flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+  if np.any(flags["is_copy"]):
+    bad = [pids[rows[j]] for j in todo[np.asarray(flags["is_copy"], bool)]]
+    raise UserInputError(f"sample.reject_copies: {bad} still flagged as copies after {max_attempts} "
+                         "regenerations; the LDM memorises these subjects (train with DP, train.dp, or fewer steps)")
+  return x
+
+
+def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
+        on_progress: Optional[Callable[[int, int], None]] = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """The pipeline stage (see the module docstring). Skips when the cohort is complete for this config.
+
+  on_progress(done, total) is called after every batch's files are written.
+  """
+  if "sample" not in config:
+    raise ValueError("config has no `sample` block; attach synthmri_jax.config_blocks.ldm.sample_config(...) "
+                     "as config.sample")
+  workdir = os.path.abspath(workdir)
+  s = config.sample
+  prepared = load_prepared(workdir)
+  g = load_trained(config, workdir, codec)
+  meta, labels, attributes = g.meta, g.labels, g.attributes
+  model, schedule, step, params, codec, mesh = g.model, g.schedule, g.step, g.params, g.codec, g.mesh
+
+  out_dir = os.path.join(workdir, OUT_DIR)
+  state_path = os.path.join(workdir, STATE_FILE)
+  key = workdir_lib.fingerprint({"sample": config_files.plain(s), "ldm": meta["key"], "step": step, "codec": codec.key,
+                       "channels": prepared.channels, "affine": prepared.meta["affine"]})
+  state = io.read_json(state_path) or {}
+  is_main = jax.process_index() == 0
+  if state.get("key") == key and state.get("complete"):
+    log(f"sample: {out_dir} is complete for this config, skipping")
+    return state
+  if state.get("key") != key and is_main:
+    _clear_outputs(out_dir)
+    state = {"key": key, "complete": False}
+    io.write_json_atomic(state_path, state)
+
+  plan = plan_subjects(config, prepared, attributes, labels)
+  n = len(plan["seed"])
+  cond = {k: plan[k] for k in model.conditioning.names}
+  gen, decode = g.generator(s), g.decoder()
+  affine = prepared.affine
+  channels = prepared.channels
+  pids = [_pid(i, n) for i in range(n)]
+  done = sum(all(os.path.exists(f) for f in _files(out_dir, p, channels)) for p in pids)
+  what = (f"DDIM {int(s.steps)} steps, eta {float(s.eta):g}" if s.sampler == "ddim"
+          else f"DDPM {schedule.num_train_timesteps} steps")
+  log(f"sample: {n} subjects ({done} already written) with {what}, guidance {float(s.guidance_scale):g}, "
+      f"batch {gen.batch_size}, LDM step {step}")
+  reseeded = {int(k): int(v) for k, v in state.get("reseeded", {}).items()}
+  for i, seed in reseeded.items():   # subjects regenerated by reject_copies in an interrupted run
+    plan["seed"][i] = seed
+  rejections = dict(state.get("rejections", {"count": 0, "subjects": []}))
+  reject = bool(s.get("reject_copies", False))
+
+  clock = {"sample": 0.0, "decode": 0.0}
+
+  def generate(rows: np.ndarray) -> np.ndarray:
+    t = time.time()
+    seeds, c = gen.pad(rows, plan["seed"], cond)
+    z = jax.block_until_ready(gen.batch(params, seeds, c))
+    clock["sample"] += time.time() - t
+    t = time.time()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+      x = np.asarray(jax.device_get(decode(codec.variables, z, np.asarray(c[unet_lib.LABEL], np.int32))),
+                     np.float32)[: len(rows)]
+    clock["decode"] += time.time() - t
+    return x
+
+  t_sample, t_decode, per_batch = [], [], []
+  t_start = time.time()
+  generated = 0
+  for start in range(0, n, gen.batch_size):
+    idx = np.arange(start, min(n, start + gen.batch_size))
+    missing = [i for i in idx if not all(os.path.exists(f) for f in _files(out_dir, pids[i], channels))]
+    if not missing:
+      continue
+    t0 = time.time()
+    clock.update(sample=0.0, decode=0.0)
+    x = generate(idx)
+    if reject:
+      # regenerations count in the batch's sampling / decoding time
+      x = _reject_copies(config, workdir, idx, x, generate, plan["seed"], pids, reseeded, rejections, log)
+    if is_main:
+      for j, i in enumerate(idx):
+        if i in missing:
+          for f, ch in zip(_files(out_dir, pids[i], channels), range(x.shape[-1])):
+            nifti.write_nifti(f, x[j, ..., ch], affine)
+    t_sample.append(clock["sample"] / len(idx))
+    t_decode.append(clock["decode"] / len(idx))
+    per_batch.append((time.time() - t0) / len(idx))
+    generated += len(missing)
+    done += len(missing)
+    if reject and is_main:
+      state.update(reseeded={str(k): v for k, v in reseeded.items()}, rejections=rejections)
+      io.write_json_atomic(state_path, state)
+    steady = per_batch[1:] if len(per_batch) > 1 else per_batch
+    eta = (n - done) * float(np.mean(steady))
+    log(f"sample: {done}/{n} subjects | {per_batch[-1]:.2f} s/volume | ETA {durations.short(eta)}")
+    if on_progress is not None:
+      on_progress(done, n)
+
+  table = participants_table(plan, labels, attributes)
+  timing = _timing(t_sample, t_decode)
+  if is_main:
+    io.write_text_atomic(os.path.join(out_dir, "participants.tsv"), table.to_csv(sep="\t", index=False))
+    io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"),
+                         _dataset_description(config, what, codec.description, step))
+    state = {"key": key, "complete": True, "num_subjects": n, "checkpoint_step": int(step),
+             "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else schedule.num_train_timesteps,
+             "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
+             "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()}}
+    io.write_json_atomic(state_path, state)
+  counts = table["label"].value_counts().to_dict()
+  if timing["sampling_s_per_volume"] is not None:
+    log(f"sample: wrote {n} subjects to {out_dir} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+        f"{timing['sampling_s_per_volume']:.3f} s/volume sampling ({what}) + "
+        f"{timing['decoding_s_per_volume']:.3f} s/volume decoding")
+  else:
+    log(f"sample: {out_dir} complete ({n} subjects)")
+  return state
+
