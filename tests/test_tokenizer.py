@@ -448,3 +448,27 @@ def test_attention_levels_are_one_bool_per_level_as_in_the_unet():
 
   assert attention_modules((False, True, False)) == ["decoder/level1_attn", "encoder/level1_attn"]
   assert attention_modules((False, False, True)) == ["decoder/mid_attn", "encoder/level2_attn"]
+
+
+def test_remat_keeps_params_outputs_and_gradients():
+  """tokenizer.model.remat only trades memory for compute: the same parameter tree (a checkpoint
+  loads either way), the same loss and the same gradients."""
+  kw = dict(channels=(8, 16), num_res_blocks=1, attention_levels=(False, True), num_heads=2, norm_groups=4,
+            num_codes=16, code_dim=4, quantize=False)
+  plain, remat = tok_models.VQVAE(**kw), tok_models.VQVAE(remat=True, **kw)
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 8, 1))
+  params = unbox(plain.init(jax.random.key(1), x)["params"])
+  p2 = unbox(remat.init(jax.random.key(1), x)["params"])
+  assert jax.tree.structure(params) == jax.tree.structure(p2)
+
+  def loss(model):
+    def f(p):
+      x_hat = model.apply({"params": p}, x)["x_hat"]
+      return jnp.mean(jnp.abs(x_hat - x))
+    return jax.jit(jax.value_and_grad(f))
+
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g1)) > 0

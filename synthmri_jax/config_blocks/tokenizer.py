@@ -45,6 +45,7 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   a.num_heads = 4
   a.norm_groups = 8
   a.dtype = "float32"                # activation dtype of the convs ("bfloat16" on accelerators)
+  a.remat = False                    # nn.remat every ResBlock / attention block: less activation memory, more compute
 
   cl = c.clinical = ml_collections.ConfigDict()
   cl.level = 1 if quick else 2       # clinical latent at 1/2^level (must be < len(channels) - 1)

@@ -81,6 +81,8 @@ class VQVAE(nn.Module):
     patch_size: space_to_depth patching of the input before the first level (1: none).
     quantize: vector-quantise the latent (False: a continuous autoencoder).
     vq: the quantizer's settings (config.tokenizer.vq: EMA decay, dead-code restarts...).
+    remat: rematerialise every ResBlock and attention block in the backward pass: activation
+      memory for compute (at 1 mm the full-resolution levels do not fit a 16 GiB chip without it).
     dtype: compute dtype (params stay float32).
   """
   channels: Sequence[int] = (16, 32, 64)
@@ -94,13 +96,15 @@ class VQVAE(nn.Module):
   patch_size: int = 1
   quantize: bool = True
   vq: Any = None
+  remat: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
     L = len(self.channels)
     nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=attention_mask(self.attention_levels, L),
-              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
+              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), remat=self.remat,
+              dtype=self.dtype)
     self.encoder = EncoderStack(levels=tuple(range(L)), num_res_blocks=nres, **kw)
     self.quant_head = LatentHead(self.code_dim, self.norm_groups, self.dtype)
     if self.quantize:
@@ -266,7 +270,7 @@ class DualTokenizer(nn.Module):
 
   Args:
     channels, num_res_blocks, attention_levels, num_heads, norm_groups, out_channels,
-      patch_size, vq, dtype: as in VQVAE.
+      patch_size, vq, remat, dtype: as in VQVAE.
     clinical_level: the level whose features the clinical codebook quantises (finer than the
       generative latent at the last level).
     clinical_codes, clinical_dim: the clinical codebook's size and code width.
@@ -297,6 +301,7 @@ class DualTokenizer(nn.Module):
   prior_logit_chunk: int = 4096
   patch_size: int = 1
   vq: Any = None
+  remat: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -309,7 +314,8 @@ class DualTokenizer(nn.Module):
                        f"got {self.clinical_fusion!r}")
     nres = layers.per_level(self.num_res_blocks, L, "num_res_blocks")
     kw = dict(channels=tuple(self.channels), attention_levels=attention_mask(self.attention_levels, L),
-              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), dtype=self.dtype)
+              num_heads=self.num_heads, norm_groups=self.norm_groups, patch=int(self.patch_size), remat=self.remat,
+              dtype=self.dtype)
     self.trunk = EncoderStack(levels=tuple(range(c + 1)), num_res_blocks=nres, **kw)
     self.clinical_quant_head = LatentHead(self.clinical_dim, self.norm_groups, self.dtype)
     self.clinical_vq = quantizer(self.clinical_codes, self.clinical_dim, self.vq, "clinical_vq")
@@ -409,7 +415,7 @@ def build_tokenizer(tcfg: Any, in_channels: int) -> nn.Module:
                 num_res_blocks=tuple(int(n) for n in layers.per_level(m.num_res_blocks, len(m.channels), "num_res_blocks")),
                 attention_levels=tuple(m.attention_levels), num_heads=int(m.num_heads),
                 norm_groups=int(m.norm_groups), out_channels=int(in_channels), patch_size=int(m.get("patch_size", 1)),
-                vq=vq, dtype=dtype)
+                vq=vq, remat=bool(m.get("remat", False)), dtype=dtype)
   variant = str(tcfg.variant)
   if variant in ("vqvae", "vqgan"):
     return VQVAE(num_codes=int(tcfg.generative.num_codes), code_dim=int(tcfg.generative.code_dim),

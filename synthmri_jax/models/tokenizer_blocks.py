@@ -91,16 +91,17 @@ def _norm_act(h: jax.Array, groups: int, dtype, name: str) -> jax.Array:
   return nn.silu(layers.GroupNorm(num_groups=group_count(groups, h.shape[-1]), dtype=dtype, name=name)(h))
 
 
-def _resblock(h: jax.Array, features: int, groups: int, dtype, name: str) -> jax.Array:
-  return layers.ResBlock3D(features, num_groups=group_count(groups, h.shape[-1], features), dtype=dtype, name=name)(h)
+def _resblock(h: jax.Array, features: int, groups: int, dtype, name: str, remat: bool = False) -> jax.Array:
+  block = nn.remat(layers.ResBlock3D) if remat else layers.ResBlock3D
+  return block(features, num_groups=group_count(groups, h.shape[-1], features), dtype=dtype, name=name)(h)
 
 
-def _self_attention(h: jax.Array, num_heads: int, groups: int, dtype, name: str) -> jax.Array:
+def _self_attention(h: jax.Array, num_heads: int, groups: int, dtype, name: str, remat: bool = False) -> jax.Array:
   c = h.shape[-1]
   if c % num_heads:
     raise ValueError(f"{c} channels are not divisible by num_heads={num_heads}")
-  return layers.SpatialSelfAttention3D(head_channels=c // num_heads, num_groups=group_count(groups, c), dtype=dtype,
-                                       name=name)(h)
+  block = nn.remat(layers.SpatialSelfAttention3D) if remat else layers.SpatialSelfAttention3D
+  return block(head_channels=c // num_heads, num_groups=group_count(groups, c), dtype=dtype, name=name)(h)
 
 
 class EncoderStack(nn.Module):
@@ -118,6 +119,7 @@ class EncoderStack(nn.Module):
   num_heads: int
   norm_groups: int
   patch: int = 1
+  remat: bool = False                  # rematerialise ResBlocks and attention in the backward pass
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -130,9 +132,9 @@ class EncoderStack(nn.Module):
         h = layers.Downsample(c, dtype=self.dtype, name=f"down_{i}")(h)
       h = constrain(h, ACT_5D)
       for j in range(self.num_res_blocks[i]):
-        h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}")
+        h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}", self.remat)
       if self.attention_levels[i]:
-        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn")
+        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn", self.remat)
     return h
 
 
@@ -167,6 +169,7 @@ class DecoderStack(nn.Module):
   out_channels: int
   fusion: str = "none"          # 'none' | 'cross_attention' | 'cross_attention+aligned'
   patch: int = 1
+  remat: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -174,18 +177,18 @@ class DecoderStack(nn.Module):
     c_top = self.channels[self.top]
     h = constrain(conv(c_top, 3, self.dtype, "conv_in")(z.astype(self.dtype)), ACT_5D)
     for j in range(self.mid_blocks):
-      h = _resblock(h, c_top, self.norm_groups, self.dtype, f"mid_block{j}")
+      h = _resblock(h, c_top, self.norm_groups, self.dtype, f"mid_block{j}", self.remat)
       if j == 0 and context is not None and self.fusion != "none":
         h = self._fuse(h, context)
       if j == 0 and self.attention_levels[self.top]:
-        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, "mid_attn")
+        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, "mid_attn", self.remat)
     for i in reversed(range(self.top)):
       c = self.channels[i]
       h = constrain(layers.Upsample(c, dtype=self.dtype, name=f"up_{i}")(h), ACT_5D)
       for j in range(self.num_res_blocks[i]):
-        h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}")
+        h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}", self.remat)
       if self.attention_levels[i]:
-        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn")
+        h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, f"level{i}_attn", self.remat)
     feats = _norm_act(h, self.norm_groups, self.dtype, "norm_out")
     out = conv(self.out_channels * self.patch ** 3, 3, self.dtype, "conv_out")(feats)
     return depth_to_space(out, self.patch).astype(jnp.float32), feats

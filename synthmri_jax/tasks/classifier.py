@@ -30,9 +30,7 @@ class ClassifierTask:
   label_smoothing: float = 0.0
 
   def init(self, rng, batch):
-    variables = dict(self.model.init({"params": rng, "dropout": rng}, batch["image"], train=False))
-    params = variables.pop("params")
-    return params, variables
+    return task_lib.split_params(self.model.init({"params": rng, "dropout": rng}, batch["image"], train=False))
 
   def _ce(self, logits, labels):
     if self.label_smoothing > 0:

@@ -29,9 +29,7 @@ class SegmenterTask:
   dice_weight: float = 1.0
 
   def init(self, rng, batch):
-    variables = dict(self.model.init(rng, batch["image"], train=False))
-    params = variables.pop("params")
-    return params, variables
+    return task_lib.split_params(self.model.init(rng, batch["image"], train=False))
 
   def _labels(self, batch):
     return jnp.clip(batch["mask"].astype(jnp.int32), 0, self.model.num_classes - 1)

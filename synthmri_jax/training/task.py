@@ -77,6 +77,12 @@ class Task(Protocol):
   #   must not change: it gets no gradient, no optimizer state, and stays bit-identical.
 
 
+def split_params(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(params, the other collections) of a model's init output: what Task.init returns."""
+  rest = dict(variables)
+  return rest.pop("params"), rest
+
+
 def valid_weights(batch: Mapping[str, Any], key: str) -> jax.Array:
   """(B,) float32 row weights: batch['valid'] (eval and Poisson padding rows are 0), or ones for the
   rows of batch[key] when the batch has no padding."""
