@@ -140,6 +140,29 @@ def select_attention_impl(impl: str | None, dtype, head_dim: int, backend: str |
   return "cudnn" if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128 else None
 
 
+# Attention scores one query chunk may hold per batch element (queries x keys x heads). Above it,
+# queries are processed in chunks, each rematerialised in the backward pass, so memory grows with
+# the chunk, not with N x M: at 1 mm the tokenizer decoder's cross-attention (12,584 queries over
+# 100,672 clinical tokens, 4 heads) would otherwise need 5e9 scores, 20 GB in fp32, per volume.
+SCORE_BUDGET = 2 ** 26
+
+
+def attend(q: Array, k: Array, v: Array, implementation: str | None = None,
+           score_budget: int = SCORE_BUDGET) -> Array:
+  """jax.nn.dot_product_attention of q (B, N, H, D) over k, v (B, M, H, D), exact, in query chunks
+  when N x M x H exceeds `score_budget` (softmax runs over keys, so each query is independent)."""
+  b, n, h, d = q.shape
+  m = k.shape[1]
+  if n * m * h <= score_budget:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  chunk = max(1, score_budget // (m * h))
+  steps = -(-n // chunk)
+  qs = jnp.pad(q, ((0, 0), (0, steps * chunk - n), (0, 0), (0, 0))).reshape(b, steps, chunk, h, d)
+  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation=implementation))
+  o = jax.lax.map(one, jnp.moveaxis(qs, 1, 0))            # (steps, B, chunk, H, D)
+  return jnp.moveaxis(o, 0, 1).reshape(b, steps * chunk, h, -1)[:, :n]
+
+
 class HeadProjection(nn.Module):
   """y = x . kernel + bias contracting the last `in_axes` axes of x into `features`.
 
@@ -202,7 +225,7 @@ class MultiHeadAttention(nn.Module):
     k = constrain(self._proj("to_k", self.qkv_bias)(kv), HEAD_AXES)
     v = constrain(self._proj("to_v", self.qkv_bias)(kv), HEAD_AXES)
     impl = select_attention_impl(self.attention_impl, q.dtype, self.head_dim)
-    o = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    o = attend(q, k, v, implementation=impl)
     o = HeadProjection((x.shape[-1],), in_axes=2, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj",
                        axes=("heads", "head_dim", "embed"))(o)
     o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
