@@ -15,4 +15,5 @@ def get_config():
   c.tokenizer.model.remat = True   # without it each phase's step needs 30-57 GiB of temporaries per chip (docs/SCALING.md)
   c.ldm.model.remat = True
   c.ldm.batch_size = 16
+  c.sample.batch_size = 4   # the decoder at 1 mm: 13.9 GiB per chip at 1 volume per chip, 124 GiB at 8 (docs/SCALING.md)
   return c
