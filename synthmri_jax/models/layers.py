@@ -142,8 +142,8 @@ def select_attention_impl(impl: str | None, dtype, head_dim: int, backend: str |
 
 # Attention scores one query chunk may hold per batch element (queries x keys x heads). Above it,
 # queries are processed in chunks, each rematerialised in the backward pass, so memory grows with
-# the chunk, not with N x M: at 1 mm the tokenizer decoder's cross-attention (12,584 queries over
-# 100,672 clinical tokens, 4 heads) would otherwise need 5e9 scores, 20 GB in fp32, per volume.
+# the chunk, not with N x M: at 1 mm each attention block of the tokenizer's top level (12,584
+# tokens, 4 heads) would otherwise hold 6.3e8 scores, 2.5 GB in fp32, per volume.
 SCORE_BUDGET = 2 ** 26
 
 
