@@ -29,12 +29,8 @@ def results():
   tpu = aot.run(config, "v5e:2x2", ["--config.mesh.data=2", "--config.mesh.fsdp=2"], find=False,
                 only="tokenizer,ldm")
   # the tokenizer step on one chip at the per-chip batch: what each chip of the (2, 2) mesh should do
-  cfg = aot.config_files.load(config, [])
-  tgt1 = aot.target("v5e:2x2")
-  tgt1 = aot.dataclasses.replace(tgt1, devices=tgt1.devices[:1])
-  mesh1 = aot.mesh_lib.mesh_from_config(cfg, devices=list(tgt1.devices))
-  single = [aot.measure(p, tgt1, p.batch // 4, 1) for p in aot.programs(cfg, mesh1)
-            if p.name == "tokenizer vqvae"]
+  single = aot.run(config, "v5e:2x2", ["--config.tokenizer.batch_size=2"], find=False, only="tokenizer",
+                   chips=1)["programs"]
   # the LDM step in the TPU's forms (native convolutions), compiled and costed by this CPU's XLA
   cpu = aot.run(config, "cpu", [], find=False, only="ldm", forms="tpu")
   return aot, tpu, single, cpu
