@@ -35,6 +35,7 @@ from synthmri_jax.latents import LatentCodec
 from synthmri_jax.pipeline import ldm as ldm_stage
 from synthmri_jax.pipeline import sample as sample_stage
 from synthmri_jax.data import loader
+from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.diffusion.schedules import make_schedule
 from synthmri_jax.models import unet as U
 from synthmri_jax.training import trainer
@@ -338,9 +339,12 @@ def test_synthetic_folder_is_bids_and_private(stage_run):
   assert set(table["label"]) <= set(LABELS) and set(table["sex"]) <= {"F", "M"}
   assert table["label"].value_counts().to_dict() == {"CN": 5, "AD": 5}   # the training split is 10 / 10
   affine = np.asarray(json.load(open(os.path.join(work, "data", "prepared.json")))["affine"])
+  # Declared in the prepared space (so the study reads the volumes as written), and on its scale.
+  assert desc["SynthmriPreparedSpace"] == load_prepared(work).space()
   for pid in table["participant_id"]:
     img = nib.load(os.path.join(out, pid, "anat", f"{pid}_T1w.nii.gz"))
     assert img.shape == (8, 8, 8) and np.allclose(img.affine, affine)
+    assert 0.0 <= float(np.min(img.dataobj)) and float(np.max(img.dataobj)) <= 1.0
     h = img.header
     for field in ("descrip", "aux_file", "db_name", "intent_name"):
       assert h[field].item() in (b"", ""), (field, h[field])

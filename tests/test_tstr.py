@@ -304,6 +304,45 @@ def test_foreign_folder_is_ingested_onto_the_grid(prepared_workdir, tmp_path):
   assert len(skipped) == 3 and skipped.n_skipped == 1 and skipped.key != syn.key
 
 
+def test_volumes_declared_in_the_prepared_space_are_read_as_written(prepared_workdir, tmp_path):
+  """A generator's output on the study grid and scale must reach the classifier as written. Run
+  through the preprocessing again it would not (percentile normalisation is not idempotent: a
+  prepared scan's foreground p0.5 is well above 0), which is what the declaration avoids."""
+  _, workdir = prepared_workdir
+  real = load_prepared(workdir)
+  src = loader.CohortSource(real, "test")
+  images = [src[i]["image"] for i in range(4)]
+  images[0] = images[0] * 1.2 - 0.1          # out of the [0, 1] scale: clipped, like nifti.normalize does
+  # Like a prepared quickstart scan: its darkest foreground voxels sit near 0.3, not at 0.
+  images[1] = np.where(nifti.foreground_mask(images[1][..., 0])[..., None], 0.3 + 0.7 * images[1], 0.0)
+  labels = [real.labels[int(src[i]["label"])] for i in range(4)]
+  declared = str(tmp_path / "declared")
+  write_cohort_folder(declared, images, labels, real.affine, space=real.space())
+  plain = str(tmp_path / "plain")
+  write_cohort_folder(plain, images, labels, real.affine)
+  log = []
+  a = load_synthetic_cohort(declared, real, str(tmp_path / "c"), log=log.append)
+  b = load_synthetic_cohort(plain, real, str(tmp_path / "c"), log=lambda m: None)
+  assert any("as they are" in m for m in log) and a.prepared.meta["read_as_is"] and not b.prepared.meta["read_as_is"]
+  for i in range(4):
+    x, y = a.source()[i]["image"], b.source()[i]["image"]
+    np.testing.assert_array_equal(x, np.clip(images[i], 0, 1).astype(np.float32))
+    if i == 1:
+      assert np.abs(y - x).max() > 0.2    # a second normalisation stretches its contrast
+  # Declared for another study's grid: preprocessed like any foreign volume, and said so.
+  other = dict(real.space(), spacing_mm=1.0)
+  moved = str(tmp_path / "other")
+  write_cohort_folder(moved, images, labels, real.affine, space=other)
+  log = []
+  c = load_synthetic_cohort(moved, real, str(tmp_path / "c"), log=log.append)
+  assert not c.prepared.meta["read_as_is"] and any("another prepared space" in m for m in log)
+  # Declared, but a volume is off the grid: the error names the file.
+  bad = str(tmp_path / "bad")
+  write_cohort_folder(bad, [images[0][:-2]] + images[1:], labels, real.affine, space=real.space())
+  with pytest.raises(nifti.VolumeError, match=r"sub-synth0001_T1w.nii.gz.*declared in the prepared space.*\(14, 16, 16\)"):
+    load_synthetic_cohort(bad, real, str(tmp_path / "c"), log=lambda m: None)
+
+
 def test_bad_folders_name_the_problem(prepared_workdir, tmp_path):
   _, workdir = prepared_workdir
   real = load_prepared(workdir)

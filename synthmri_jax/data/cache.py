@@ -26,6 +26,9 @@ from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 from synthmri_jax.workdir import PREPARED_META_FILE, data_dir
 
+# dataset_description.json field by which a cohort folder says its volumes are already in a
+# prepared cohort's space (PreparedCohort.space()): the study grid, RAS+, and its intensity scale.
+PREPARED_SPACE_KEY = "SynthmriPreparedSpace"
 SPLITS = ("train", "val", "test", "holdout")
 TABLE_COLUMNS = ("participant_id", "session_id", "label", "label_index", "age", "sex", "split", "image", "mask")
 
@@ -57,6 +60,16 @@ class PreparedCohort:
   @property
   def affine(self) -> np.ndarray:
     return np.asarray(self.meta["affine"], dtype=np.float64)
+
+  def space(self) -> dict[str, Any]:
+    """The voxel grid and intensity scale every prepared scan is in. A generator that writes its
+    volumes in this space declares it (dataset_description.json `PREPARED_SPACE_KEY`), and the
+    study then reads them as they are (see evaluation.synthetic_cohort)."""
+    m = self.meta
+    return {"shape": [int(s) for s in m["shape"]], "spacing_mm": float(m["spacing_mm"]),
+            "channels": list(m["channels"]), "labels": list(m["labels"]), "normalization": m["normalization"],
+            "clip_percentiles": [float(p) for p in m["clip_percentiles"]],
+            "preprocess_version": int(m.get("preprocess_version", 1))}
 
   @property
   def has_masks(self) -> bool:

@@ -24,13 +24,18 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 
 def process_row(task: dict[str, Any]) -> tuple[int, float]:
-  """Preprocesses one scan and writes its cache files (mask first, image last). Runs in a
-  worker process; only the index and the time travel back."""
+  """Preprocesses one scan (or, with task["prepared_space"], reads one already in the prepared
+  space) and writes its cache files (mask first, image last). Runs in a worker process; only the
+  index and the time travel back."""
   t0 = time.time()
   try:
-    out = nifti.preprocess(task["paths"], task["mask_path"] or None, shape=task["shape"],
-                           spacing_mm=task["spacing_mm"], normalization=task["normalization"],
-                           clip_percentiles=task["clip_percentiles"])
+    if task.get("prepared_space"):
+      out = nifti.read_prepared_space(task["paths"], task["mask_path"] or None, shape=task["shape"],
+                                      spacing_mm=task["spacing_mm"], normalization=task["normalization"])
+    else:
+      out = nifti.preprocess(task["paths"], task["mask_path"] or None, shape=task["shape"],
+                             spacing_mm=task["spacing_mm"], normalization=task["normalization"],
+                             clip_percentiles=task["clip_percentiles"])
   except nifti.VolumeError:
     raise
   except Exception as e:

@@ -251,6 +251,38 @@ def preprocess(paths: Sequence[str], mask_path: str | None, *, shape: Sequence[i
   return Preprocessed(image=np.stack(channels, axis=-1), mask=mask, affine=grid.affine)
 
 
+def read_prepared_space(paths: Sequence[str], mask_path: str | None, *, shape: Sequence[int], spacing_mm: float,
+                        normalization: str = "percentile") -> Preprocessed:
+  """Volumes already in a prepared cohort's space -> the same arrays `preprocess` would have cached.
+
+  For a generator's output, which is written on the study grid and intensity scale: running
+  `preprocess` again would re-centre it and normalise it a second time, and percentile
+  normalisation is not idempotent (a prepared scan's foreground p0.5 is ~0.3, not 0), so the scans
+  would reach the classifier with a contrast no real scan has. Only the range is enforced
+  (percentile: [0, 1], as `normalize` clips); a file off the grid is an error naming it.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"unknown normalization {normalization!r}; choose from {NORMALIZATIONS}")
+  shape = tuple(int(s) for s in shape)
+  channels, affine = [], None
+  for path in paths:
+    data, affine = load_canonical(path)
+    spacing = Grid(data.shape, affine).spacing
+    if data.shape != shape or not np.allclose(spacing, spacing_mm, atol=1e-3):
+      raise VolumeError(path, f"declared in the prepared space, but its grid is {data.shape} at "
+                        f"{np.round(spacing, 3).tolist()} mm, not {shape} at {spacing_mm:g} mm")
+    if not np.isfinite(data).all():
+      raise VolumeError(path, "non-finite voxel values")
+    channels.append(np.clip(data, 0.0, 1.0) if normalization == "percentile" else data)
+  mask = None
+  if mask_path:
+    labels, _ = load_canonical(mask_path)
+    if labels.shape != shape:
+      raise VolumeError(mask_path, f"mask grid {labels.shape} differs from its image's {shape}")
+    mask = np.rint(labels).astype(np.uint8)
+  return Preprocessed(image=np.stack(channels, axis=-1).astype(np.float32), mask=mask, affine=affine)
+
+
 # ------------------------------------------------------------------------------ writing
 
 def clean_image(data: np.ndarray, affine: np.ndarray, xform_code: str = "scanner") -> nib.Nifti1Image:

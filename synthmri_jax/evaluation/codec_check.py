@@ -68,7 +68,8 @@ def round_trip_cohort(codec, prepared: PreparedCohort, split: str, folder: str, 
   shutil.rmtree(tmp, ignore_errors=True)
   synthetic_cohort.write_cohort_folder(
       tmp, list(r["after"]), [prepared.labels[int(k)] for k in r["labels"]], prepared.affine,
-      ages=rows["age"].to_numpy(float), sexes=rows["sex"].astype(str).tolist(), prefix="sub-codec")
+      ages=rows["age"].to_numpy(float), sexes=rows["sex"].astype(str).tolist(), prefix="sub-codec",
+      space=prepared.space())
   shutil.rmtree(folder, ignore_errors=True)
   os.replace(tmp, folder)
   log(f"[evaluate] CODEC arm: {len(rows)} real '{split}' scans encoded -> decoded into {folder}")

@@ -15,6 +15,13 @@ through nifti.preprocess with the prepared cohort's grid, spacing, normalisation
 orientation, spacing or dtype lands on the same voxels and intensity scale as the real data,
 and a generator gains nothing from writing volumes pre-normalised differently.
 
+A generator that writes its volumes in the prepared space itself (this project's `sample` stage
+does) says so in dataset_description.json: `"SynthmriPreparedSpace": <PreparedCohort.space()>`.
+Those volumes must lie on the study grid (checked, file by file) and are read as they are, clipped
+to the scale's range. Preprocessing them again would normalise them twice: the percentile
+normalisation is not idempotent, and on the quickstart it moved the synthetic scans' brain
+median from 0.53 to 0.46 and their correlation with what was written to 0.95.
+
 The result is cached in WORKDIR/evaluation/synthetic_cache/<key>/, key = hash of the folder's
 content (the table and every file it names, byte for byte) and of the prepared grid: a rerun
 on the same folder reads the cache; a regenerated folder gets a new key. Cache files are
@@ -36,14 +43,15 @@ import pandas as pd
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.config_blocks import evaluate as config_lib
 from synthmri_jax.data import cohort, ingest, nifti
-from synthmri_jax.data.cache import PreparedCohort, load_prepared
+from synthmri_jax.data.cache import PREPARED_SPACE_KEY, PreparedCohort, load_prepared
 from synthmri_jax.data.loader import CohortSource
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
 TABLE_NAMES = ("participants.tsv", "participants.csv")
 MASK_GLOBS = ("*mask.nii.gz", "*mask.nii", "*_dseg.nii.gz", "*_dseg.nii")
-CACHE_VERSION = 1
+DESCRIPTION = "dataset_description.json"
+CACHE_VERSION = 2   # 2: volumes declared in the prepared space are read as they are
 
 
 class SyntheticCohortError(UserInputError, ValueError):
@@ -180,12 +188,25 @@ def content_hash(table_path: str, files: Sequence[str], grid: dict[str, Any], me
 
 # ------------------------------------------------------------------------------ the ingest
 
-def _grid(real: PreparedCohort) -> dict[str, Any]:
-  m = real.meta
-  return {"shape": list(m["shape"]), "spacing_mm": float(m["spacing_mm"]), "channels": list(m["channels"]),
-          "labels": list(m["labels"]), "normalization": m["normalization"],
-          "clip_percentiles": [float(p) for p in m["clip_percentiles"]],
-          "preprocess_version": int(m.get("preprocess_version", ingest.PREPROCESS_VERSION))}
+def declared_space(folder: str, real: PreparedCohort, log: Callable[[str], None] = print) -> bool:
+  """Whether the folder's dataset_description.json declares its volumes to be in `real`'s prepared
+  space (cache.PREPARED_SPACE_KEY equal to real.space()). A declaration for another grid or scale
+  is reported and ignored: those volumes go through the full preprocessing."""
+  path = os.path.join(folder, DESCRIPTION)
+  if not os.path.isfile(path):
+    return False
+  try:
+    declared = io.read_json(path)
+    declared = declared.get(PREPARED_SPACE_KEY) if isinstance(declared, dict) else None
+  except ValueError as e:
+    raise SyntheticCohortError(f"{path}: unreadable JSON ({e})") from None
+  if declared is None:
+    return False
+  if declared == real.space():
+    return True
+  log(f"synthetic cohort {folder}: {path} declares another prepared space ({declared}); "
+      f"preprocessing its volumes onto this study's ({real.space()})")
+  return False
 
 
 def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *, on_bad_file: str = "error",
@@ -198,12 +219,16 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
   sequences, labels = real.channels, real.labels
   resolved = resolve_table(table_path, sequences)
   files = [p for c in cohort.image_columns(sequences) + ["mask_path"] for p in resolved[c] if p]
-  grid = _grid(real)
+  grid = real.space()
+  as_is = declared_space(folder, real, log)
+  description = os.path.join(folder, DESCRIPTION)
+  if os.path.isfile(description):
+    files.append(description)
   os.makedirs(cache_root, exist_ok=True)
   memo_path = os.path.join(cache_root, "hash_memo.json")
   memo = io.read_json(memo_path, default={})
   t0 = time.time()
-  key = content_hash(table_path, files, grid, memo)
+  key = content_hash(table_path, files, dict(grid, read_as_is=as_is), memo)
   io.write_json_atomic(memo_path, memo)
   cache_dir = os.path.join(cache_root, key)
   meta_path = os.path.join(cache_dir, "meta.json")
@@ -249,9 +274,14 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
                         image_out=os.path.join(cache_dir, image_rel),
                         mask_out=os.path.join(cache_dir, mask_rel) if mask_rel else "",
                         shape=tuple(grid["shape"]), spacing_mm=grid["spacing_mm"],
-                        normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"])))
-    log(f"synthetic cohort: preprocessing {len(tasks)} of {len(good)} scans onto the prepared grid "
-        f"{tuple(grid['shape'])} at {grid['spacing_mm']:g} mm")
+                        normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"]),
+                        prepared_space=as_is))
+    if as_is:
+      log(f"synthetic cohort: reading {len(tasks)} of {len(good)} scans as they are (declared in the prepared "
+          f"space: {tuple(grid['shape'])} at {grid['spacing_mm']:g} mm, {grid['normalization']} scale)")
+    else:
+      log(f"synthetic cohort: preprocessing {len(tasks)} of {len(good)} scans onto the prepared grid "
+          f"{tuple(grid['shape'])} at {grid['spacing_mm']:g} mm")
     pool.map(ingest.process_row, tasks)
   table = pd.DataFrame({
       "participant_id": good["participant_id"], "session_id": good["session_id"], "label": good["label"],
@@ -260,7 +290,7 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
   with io.atomic_path(os.path.join(cache_dir, "cohort.tsv")) as tmp:
     table.to_csv(tmp, sep="\t", index=False)
   n_skipped = len({p.line for p in problems})
-  meta = dict(grid, affine=real.meta["affine"], source=folder, table=table_path, n=len(table),
+  meta = dict(grid, affine=real.meta["affine"], source=folder, read_as_is=as_is, table=table_path, n=len(table),
               n_skipped=n_skipped, complete=True, seconds=round(time.time() - t0, 2))
   io.write_json_atomic(meta_path, meta)
   table = pd.read_csv(os.path.join(cache_dir, "cohort.tsv"), sep="\t", keep_default_na=False,
@@ -272,11 +302,12 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
 def write_cohort_folder(folder: str, images: Sequence[np.ndarray], labels: Sequence[str], affine: np.ndarray, *,
                         ages: Sequence[float] | None = None, sexes: Sequence[str] | None = None,
                         masks: Sequence[np.ndarray] | None = None, sequence: str = "T1w",
-                        prefix: str = "sub-synth") -> str:
+                        prefix: str = "sub-synth", space: dict[str, Any] | None = None) -> str:
   """Writes volumes (X, Y, Z) or (X, Y, Z, 1) as a BIDS-like synthetic cohort folder; returns the table path.
 
   For stand-ins and tests (e.g. a 'synthetic' cohort made of real held-out scans); generators
-  write their own folders in the same layout.
+  write their own folders in the same layout. `space` (a PreparedCohort.space()) declares the
+  volumes to be in that prepared space, so the study reads them as they are.
   """
   rows = []
   for i, image in enumerate(images):
@@ -288,6 +319,10 @@ def write_cohort_folder(folder: str, images: Sequence[np.ndarray], labels: Seque
       nifti.write_nifti(os.path.join(folder, pid, "anat", f"{pid}_mask.nii.gz"), np.asarray(masks[i], np.uint8), affine)
     rows.append(dict(participant_id=pid, label=labels[i], age=70.0 if ages is None else float(ages[i]),
                      sex="F" if sexes is None else sexes[i], seed=i))
+  if space is not None:
+    io.write_json_atomic(os.path.join(folder, DESCRIPTION), {
+        "Name": f"{prefix} cohort", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        PREPARED_SPACE_KEY: space})
   path = os.path.join(folder, "participants.tsv")
   with io.atomic_path(path) as tmp:
     pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)

@@ -6,7 +6,10 @@
                                   clean header, the prepared grid's affine
   W/synthetic/participants.tsv    participant_id, label, age, sex, seed (+ any further attributes)
   W/synthetic/dataset_description.json   DatasetType 'derivative'; GeneratedBy names synthmri_jax, its
-                                  version, the LDM checkpoint step and the config hash
+                                  version, the LDM checkpoint step and the config hash;
+                                  SynthmriPreparedSpace declares the volumes to be on the prepared
+                                  grid and scale, so the study reads them as written (no second
+                                  normalisation; see evaluation.synthetic_cohort)
   W/synthetic_state.json          resume bookkeeping (outside the cohort folder, which stays pure BIDS)
 
 Nothing of the training data is written: subject ids are sub-synthNNNN, no path appears, headers
@@ -34,7 +37,7 @@ import pandas as pd
 import synthmri_jax
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.data import nifti
-from synthmri_jax.data.cache import load_prepared
+from synthmri_jax.data.cache import PREPARED_SPACE_KEY, load_prepared
 from synthmri_jax.generation.attributes import SEX_NAMES, plan_subjects
 from synthmri_jax.generation.generator import load_trained
 from synthmri_jax.latents import LatentCodec
@@ -46,6 +49,7 @@ from synthmri_jax.utils.errors import UserInputError
 
 OUT_DIR = "synthetic"
 STATE_FILE = "synthetic_state.json"
+OUTPUT_VERSION = 2   # 2: clipped to the prepared scale and declared in its space (dataset_description.json)
 
 
 def retry_seed(seed: int, attempt: int) -> int:
@@ -101,8 +105,10 @@ def _timing(t_sample: list[float], t_decode: list[float]) -> dict[str, Any]:
           "first_batch_s_per_volume": t_sample[0] + t_decode[0] if t_sample else None}
 
 
-def _dataset_description(config, what: str, codec_description: str, step: int) -> dict[str, Any]:
-  """The cohort's BIDS dataset_description.json: a derivative, with what generated it."""
+def _dataset_description(config, what: str, codec_description: str, step: int,
+                         space: dict[str, Any]) -> dict[str, Any]:
+  """The cohort's BIDS dataset_description.json: a derivative, with what generated it, declaring
+  its volumes to be in the prepared cohort's space (the study then reads them as they are)."""
   return {
       "Name": "synthmri_jax synthetic cohort",
       "BIDSVersion": "1.9.0",
@@ -115,6 +121,7 @@ def _dataset_description(config, what: str, codec_description: str, step: int) -
           "CheckpointStep": int(step),
           "ConfigHash": workdir_lib.config_hash(config),
       }],
+      PREPARED_SPACE_KEY: space,
   }
 
 
@@ -166,13 +173,11 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   s = config.sample
   prepared = load_prepared(workdir)
   g = load_trained(config, workdir, codec)
-  meta, labels, attributes = g.meta, g.labels, g.attributes
-  model, schedule, step, params, codec, mesh = g.model, g.schedule, g.step, g.params, g.codec, g.mesh
-
   out_dir = os.path.join(workdir, OUT_DIR)
   state_path = os.path.join(workdir, STATE_FILE)
-  key = workdir_lib.fingerprint({"sample": config_files.plain(s), "ldm": meta["key"], "step": step, "codec": codec.key,
-                       "channels": prepared.channels, "affine": prepared.meta["affine"]})
+  key = workdir_lib.fingerprint({"version": OUTPUT_VERSION, "sample": config_files.plain(s), "ldm": g.meta["key"],
+                                 "step": g.step, "codec": g.codec.key, "channels": prepared.channels,
+                                 "affine": prepared.meta["affine"]})
   state = io.read_json(state_path) or {}
   is_main = jax.process_index() == 0
   if state.get("key") == key and state.get("complete"):
@@ -183,37 +188,21 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     state = {"key": key, "complete": False}
     io.write_json_atomic(state_path, state)
 
-  plan = plan_subjects(config, prepared, attributes, labels)
+  plan = plan_subjects(config, prepared, g.attributes, g.labels)
   n = len(plan["seed"])
-  cond = {k: plan[k] for k in model.conditioning.names}
-  gen, decode = g.generator(s), g.decoder()
-  affine = prepared.affine
   channels = prepared.channels
   pids = [_pid(i, n) for i in range(n)]
   done = sum(all(os.path.exists(f) for f in _files(out_dir, p, channels)) for p in pids)
   what = (f"DDIM {int(s.steps)} steps, eta {float(s.eta):g}" if s.sampler == "ddim"
-          else f"DDPM {schedule.num_train_timesteps} steps")
+          else f"DDPM {g.schedule.num_train_timesteps} steps")
+  gen = _Batches(g, s, plan, clip=prepared.meta["normalization"] == "percentile")
   log(f"sample: {n} subjects ({done} already written) with {what}, guidance {float(s.guidance_scale):g}, "
-      f"batch {gen.batch_size}, LDM step {step}")
+      f"batch {gen.batch_size}, LDM step {g.step}")
   reseeded = {int(k): int(v) for k, v in state.get("reseeded", {}).items()}
   for i, seed in reseeded.items():   # subjects regenerated by reject_copies in an interrupted run
     plan["seed"][i] = seed
   rejections = dict(state.get("rejections", {"count": 0, "subjects": []}))
   reject = bool(s.get("reject_copies", False))
-
-  clock = {"sample": 0.0, "decode": 0.0}
-
-  def generate(rows: np.ndarray) -> np.ndarray:
-    t = time.time()
-    seeds, c = gen.pad(rows, plan["seed"], cond)
-    z = jax.block_until_ready(gen.batch(params, seeds, c))
-    clock["sample"] += time.time() - t
-    t = time.time()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
-      x = np.asarray(jax.device_get(decode(codec.variables, z, np.asarray(c[unet_lib.LABEL], np.int32))),
-                     np.float32)[: len(rows)]
-    clock["decode"] += time.time() - t
-    return x
 
   t_sample, t_decode, per_batch = [], [], []
   t_start = time.time()
@@ -224,18 +213,18 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     if not missing:
       continue
     t0 = time.time()
-    clock.update(sample=0.0, decode=0.0)
-    x = generate(idx)
+    gen.clock.update(sample=0.0, decode=0.0)
+    x = gen(idx)
     if reject:
       # regenerations count in the batch's sampling / decoding time
-      x = _reject_copies(config, workdir, idx, x, generate, plan["seed"], pids, reseeded, rejections, log)
+      x = _reject_copies(config, workdir, idx, x, gen, plan["seed"], pids, reseeded, rejections, log)
     if is_main:
       for j, i in enumerate(idx):
         if i in missing:
           for f, ch in zip(_files(out_dir, pids[i], channels), range(x.shape[-1])):
-            nifti.write_nifti(f, x[j, ..., ch], affine)
-    t_sample.append(clock["sample"] / len(idx))
-    t_decode.append(clock["decode"] / len(idx))
+            nifti.write_nifti(f, x[j, ..., ch], prepared.affine)
+    t_sample.append(gen.clock["sample"] / len(idx))
+    t_decode.append(gen.clock["decode"] / len(idx))
     per_batch.append((time.time() - t0) / len(idx))
     generated += len(missing)
     done += len(missing)
@@ -243,28 +232,58 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
       state.update(reseeded={str(k): v for k, v in reseeded.items()}, rejections=rejections)
       io.write_json_atomic(state_path, state)
     steady = per_batch[1:] if len(per_batch) > 1 else per_batch
-    eta = (n - done) * float(np.mean(steady))
-    log(f"sample: {done}/{n} subjects | {per_batch[-1]:.2f} s/volume | ETA {durations.short(eta)}")
+    log(f"sample: {done}/{n} subjects | {per_batch[-1]:.2f} s/volume | "
+        f"ETA {durations.short((n - done) * float(np.mean(steady)))}")
     if on_progress is not None:
       on_progress(done, n)
 
-  table = participants_table(plan, labels, attributes)
   timing = _timing(t_sample, t_decode)
+  state = {"key": key, "complete": True, "num_subjects": n, "checkpoint_step": int(g.step),
+           "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else g.schedule.num_train_timesteps,
+           "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
+           "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()}}
+  _finish(config, out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
+          _dataset_description(config, what, g.codec.description, g.step, prepared.space()), is_main, log)
+  return state
+
+
+class _Batches:
+  """rows -> their volumes (B, X, Y, Z, C) on the prepared scale: sampling then decoding, timed."""
+
+  def __init__(self, g, s, plan: Mapping[str, np.ndarray], clip: bool):
+    self.g, self.plan, self.clip = g, plan, clip
+    self.cond = {k: plan[k] for k in g.model.conditioning.names}
+    self.gen, self.decode = g.generator(s), g.decoder()
+    self.batch_size = self.gen.batch_size
+    self.clock = {"sample": 0.0, "decode": 0.0}
+
+  def __call__(self, rows: np.ndarray) -> np.ndarray:
+    t = time.time()
+    seeds, c = self.gen.pad(rows, self.plan["seed"], self.cond)
+    z = jax.block_until_ready(self.gen.batch(self.g.params, seeds, c))
+    self.clock["sample"] += time.time() - t
+    t = time.time()
+    with jax.set_mesh(self.g.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
+      x = np.asarray(jax.device_get(self.decode(self.g.codec.variables, z, np.asarray(c[unet_lib.LABEL], np.int32))),
+                     np.float32)[: len(rows)]
+    if self.clip:
+      x = np.clip(x, 0.0, 1.0)   # the scale's range, as every prepared scan (nifti.normalize clips)
+    self.clock["decode"] += time.time() - t
+    return x
+
+
+def _finish(config, out_dir: str, state_path: str, state: dict[str, Any], table: pd.DataFrame,
+            description: dict[str, Any], is_main: bool, log: Callable[[str], None]) -> None:
+  """Writes the cohort's table and description, then the complete state (last: it marks the end)."""
   if is_main:
     io.write_text_atomic(os.path.join(out_dir, "participants.tsv"), table.to_csv(sep="\t", index=False))
-    io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"),
-                         _dataset_description(config, what, codec.description, step))
-    state = {"key": key, "complete": True, "num_subjects": n, "checkpoint_step": int(step),
-             "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else schedule.num_train_timesteps,
-             "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
-             "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()}}
+    io.write_json_atomic(os.path.join(out_dir, "dataset_description.json"), description)
     io.write_json_atomic(state_path, state)
   counts = table["label"].value_counts().to_dict()
-  if timing["sampling_s_per_volume"] is not None:
-    log(f"sample: wrote {n} subjects to {out_dir} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
-        f"{timing['sampling_s_per_volume']:.3f} s/volume sampling ({what}) + "
-        f"{timing['decoding_s_per_volume']:.3f} s/volume decoding")
+  if state["sampling_s_per_volume"] is not None:
+    log(f"sample: wrote {state['num_subjects']} subjects to {out_dir} "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); "
+        f"{state['sampling_s_per_volume']:.3f} s/volume sampling + {state['decoding_s_per_volume']:.3f} s/volume decoding")
   else:
-    log(f"sample: {out_dir} complete ({n} subjects)")
-  return state
+    log(f"sample: {out_dir} complete ({state['num_subjects']} subjects)")
 

@@ -225,6 +225,14 @@ def write_dp_record(workdir: str, record: dict[str, Any]) -> None:
     io.write_json_atomic(os.path.join(workdir, DP_FILE), record)
 
 
+def finish(say: Callable[[str], None], workdir: str, record: dict[str, Any], step: int, complete: bool) -> None:
+  """Writes the spent budget's dp.json at the end of a run (or its interruption) and says it."""
+  write_dp_record(workdir, dict(record, complete=complete))
+  if record["epsilon_pld"] is not None:
+    say(f"DP-SGD: {step} steps spent epsilon {record['epsilon_pld']:.4g} (PLD) / {record['epsilon_rdp']:.4g} (RDP) "
+        f"at delta {record['delta']:.3g}; {record['overflow_steps']} truncated batches")
+
+
 def setup(cfg, train_iter, dp_sampling: Optional[loader_lib.PoissonSampling], name: str):
   """(DPStep, dp.json record, sampler) of a DP run, or (None, None, dp_sampling) without DP."""
   if not cfg.dp.enabled:

@@ -250,6 +250,47 @@ def _evaluate(state: TrainState, step: int, eval_iter_fn, p_eval, summaries, bsh
   writer.flush()
 
 
+def _start(ckpt, latest, abstract_state, it, init_fn, first, init_from, state_sh, say):
+  """(state, the batch to train on first): the latest checkpoint with the iterator's position, or
+  a fresh init (optionally loaded from init_from) that trains on the batch `build_state` shaped."""
+  if latest is not None:
+    state = ckpt.restore(latest, abstract_state, it)
+    say(f"resumed from {ckpt.directory} step {latest}"
+        + ("" if ckpt_lib.iterator_has_state(it) else " (the data iterator is not a grain iterator: its position was not restored)"))
+    return state, None
+  state = init_fn()
+  if init_from:
+    state, msg = _load_into(state, state_sh, init_from)
+    say(msg)
+  return state, first
+
+
+class _LogWindow:
+  """The metrics since the last log line: their means, the step rate, TensorBoard and on_log."""
+
+  def __init__(self, writer, say, total: int, on_log):
+    self.writer, self.say, self.total, self.on_log = writer, say, total, on_log
+    self.metrics: list = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Starts timing anew (after an evaluation, which must not count as training time)."""
+    self.t0, self.steps = time.time(), 0
+
+  def add(self, metrics) -> None:
+    self.metrics.append(metrics)
+    self.steps += 1
+
+  def flush(self, step: int) -> None:
+    means = summaries_lib.window_means(jax.device_get(self.metrics))
+    means["steps_per_s"] = self.steps / max(time.time() - self.t0, 1e-9)
+    self.metrics = []
+    self.restart_clock()
+    summaries_lib.log_train(self.writer, self.say, step, self.total, means)
+    if self.on_log is not None:
+      self.on_log(step, means)
+
+
 def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[str, np.ndarray]],
           eval_iter_fn: Optional[Callable[[], Iterable[dict[str, np.ndarray]]]] = None, *,
           mesh: Optional[jax.sharding.Mesh] = None, init_from: Optional[str] = None,
@@ -288,17 +329,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
   writer = summaries_lib.SummaryWriter(os.path.join(workdir, "tb"), enabled=is_main)
   try:
     latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, abstract_state, it)
-      pending = None
-      say(f"resumed from {ckpt.directory} step {latest}"
-          + ("" if ckpt_lib.iterator_has_state(it) else " (the data iterator is not a grain iterator: its position was not restored)"))
-    else:
-      state = init_fn()
-      pending = first
-      if init_from:
-        state, msg = _load_into(state, state_sh, init_from)
-        say(msg)
+    state, pending = _start(ckpt, latest, abstract_state, it, init_fn, first, init_from, state_sh, say)
     del first
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
@@ -324,8 +355,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
       # DP: the noise (and every per-example key) comes from the run's secret, not the seeded state.rng.
       run_key = (dp_secret.load_or_create(workdir).noise_key() if dp_step is not None
                  else jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng))))
-      window, prev, preempted = [], None, False
-      t_window, steps_in_window = time.time(), 0
+      window, prev, preempted = _LogWindow(writer, say, total, on_log if is_main else None), None, False
       step = start
       while step < total:
         if pending is not None:
@@ -338,22 +368,15 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
             break
         state, metrics = p_step(state, batch, jax.random.fold_in(run_key, step))
         step += 1
-        steps_in_window += 1
         if prev is not None:
           check_skips(prev)  # one step behind, so the host never waits for the step it just queued
         prev = metrics
-        window.append(metrics)
-
+        window.add(metrics)
         if step % cfg.log_every == 0 or step == total:
-          means = summaries_lib.window_means(jax.device_get(window))
-          means["steps_per_s"] = steps_in_window / max(time.time() - t_window, 1e-9)
-          window, t_window, steps_in_window = [], time.time(), 0
-          summaries_lib.log_train(writer, say, step, total, means)
-          if on_log is not None and is_main:
-            on_log(step, means)
+          window.flush(step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
           run_eval(step)
-          t_window = time.time()
+          window.restart_clock()
         preempted = ckpt.reached_preemption(step)
         if step % cfg.checkpoint_every == 0 or step == total or preempted:
           ckpt.save(step, state, it)
@@ -368,10 +391,7 @@ def train(task: task_lib.Task, config, workdir: str, train_iter: Iterable[dict[s
         run_eval(step)
       if dp_step is not None:
         done = planned if step == total else dp_sgd.dp_record_for_steps(dp_record, dp_sampling, step)
-        dp_sgd.write_dp_record(workdir, dict(done, complete=not preempted and step >= total))
-        if done["epsilon_pld"] is not None:
-          say(f"DP-SGD: {step} steps spent epsilon {done['epsilon_pld']:.4g} (PLD) / {done['epsilon_rdp']:.4g} (RDP) "
-              f"at delta {done['delta']:.3g}; {done['overflow_steps']} truncated batches")
+        dp_sgd.finish(say, workdir, done, step, complete=not preempted and step >= total)
     return state
   finally:
     ckpt.close()

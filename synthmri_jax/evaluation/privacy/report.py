@@ -51,57 +51,13 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
   flags = checker.flags(nn)
   train_ids = checker.train_ids
 
-  measures = {}
-  for mname in MEASURES:
-    if mname in checker.calibration:
-      rep = privacy_stats.copy_report(nn[mname], checker.calibration[mname], ids, train_ids, int(pc.num_figures))
-      measures[mname] = {**rep, "calibration": checker.calibration[mname]}
-    else:
-      best = nn[mname].similarity[:, 0]
-      order = np.argsort(-best, kind="stable")[: int(pc.num_figures)]
-      measures[mname] = {"used_for_flagging": False, "closest_pairs": [
-          {"synthetic_id": ids[i], "train_id": train_ids[int(nn[mname].index[i, 0])], "score": float(best[i])}
-          for i in order]}
-
-  copies = []
-  for i in np.flatnonzero(flags["is_copy"]):
-    mname = flags["measure"][i]
-    copies.append({
-        "participant_id": ids[i], "nearest_train_participant_id": train_ids[int(flags["train_index"][i])],
-        "score": float(flags["score"][i]), "measure": mname, "tau": checker.taus[mname],
-        "flagged_by": flags["flagged_by"][i],
-        **{f"{m}_score": float(flags[f"{m}_score"][i]) for m in MEASURES},
-        **{f"{m}_nearest_train_participant_id": train_ids[int(flags[f"{m}_train_index"][i])] for m in MEASURES}})
-  copies.sort(key=lambda c: -c["score"])
-  memorized: dict[str, dict[str, Any]] = {}
-  for c in copies:
-    e = memorized.setdefault(c["nearest_train_participant_id"], {"train_participant_id": c["nearest_train_participant_id"],
-                                                                 "n_copies": 0, "max_score": c["score"],
-                                                                 "copies": []})
-    e["n_copies"] += 1
-    e["copies"].append(c["participant_id"])
+  measures = _measures(checker, nn, ids, int(pc.num_figures))
+  copies, memorized = _copies(checker, flags, ids)
   n = len(ids)
   q = float(pc.quantile)
   expected = sum(float(privacy_stats.null_copy_count(n, checker.n_calibration, checker.quantiles[m]).mean()) / n
                  for m in checker.quantiles)
-
-  # Closest pairs (primary measure: the embedding) as figures.
-  fig_dir = os.path.join(workdir_lib.evaluation_dir(workdir), "figures")
-  primary = "embedding"
-  best = nn[primary].similarity[:, 0]
-  order = np.argsort(-best, kind="stable")[: int(pc.num_figures)]
-  train_src = loader.CohortSource(prepared, "train", mmap=True)
-  pairs = []
-  for rank, i in enumerate(order):
-    j = int(nn[primary].index[i, 0])
-    path = os.path.join(fig_dir, f"privacy_pair_{rank:02d}.png")
-    title = (f"{ids[i]} vs train {train_ids[j]}: embedding r = {best[i]:.3f} (τ {checker.taus.get(primary, math.nan):.3f}), "
-             f"voxel s = {flags['voxel_score'][i]:.3f}" + (" — COPY" if flags["is_copy"][i] else ""))
-    if jax.process_index() == 0:
-      save_pair_figure(path, vols[i], np.asarray(train_src[j]["image"]), title)
-    pairs.append({"participant_id": ids[i], "train_participant_id": train_ids[j], "embedding_score": float(best[i]),
-                  "voxel_score": float(flags["voxel_score"][i]), "is_copy": bool(flags["is_copy"][i]),
-                  "figure": os.path.relpath(path, workdir)})
+  pairs = _closest_pair_figures(checker, nn, flags, vols, ids, workdir, int(pc.num_figures))
 
   # DCR / NNDR against the holdout split.
   hold_split = str(pc.holdout_split)
@@ -143,6 +99,68 @@ def run_privacy(config, workdir: str, synthetic_volumes: np.ndarray, synthetic_i
     io.write_json_atomic(out_path, report)
   _log_summary(report, log)
   return report
+
+
+def _measures(checker, nn, ids: Sequence[str], num_figures: int) -> dict[str, Any]:
+  """Per similarity measure: its copy report where it is calibrated, else its closest pairs only."""
+  train_ids = checker.train_ids
+  measures = {}
+  for mname in MEASURES:
+    if mname in checker.calibration:
+      rep = privacy_stats.copy_report(nn[mname], checker.calibration[mname], ids, train_ids, num_figures)
+      measures[mname] = {**rep, "calibration": checker.calibration[mname]}
+    else:
+      best = nn[mname].similarity[:, 0]
+      order = np.argsort(-best, kind="stable")[:num_figures]
+      measures[mname] = {"used_for_flagging": False, "closest_pairs": [
+          {"synthetic_id": ids[i], "train_id": train_ids[int(nn[mname].index[i, 0])], "score": float(best[i])}
+          for i in order]}
+  return measures
+
+
+def _copies(checker, flags, ids: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+  """The flagged synthetic scans (most similar first), and the training subjects they copy."""
+  train_ids = checker.train_ids
+  copies = []
+  for i in np.flatnonzero(flags["is_copy"]):
+    mname = flags["measure"][i]
+    copies.append({
+        "participant_id": ids[i], "nearest_train_participant_id": train_ids[int(flags["train_index"][i])],
+        "score": float(flags["score"][i]), "measure": mname, "tau": checker.taus[mname],
+        "flagged_by": flags["flagged_by"][i],
+        **{f"{m}_score": float(flags[f"{m}_score"][i]) for m in MEASURES},
+        **{f"{m}_nearest_train_participant_id": train_ids[int(flags[f"{m}_train_index"][i])] for m in MEASURES}})
+  copies.sort(key=lambda c: -c["score"])
+  memorized: dict[str, dict[str, Any]] = {}
+  for c in copies:
+    e = memorized.setdefault(c["nearest_train_participant_id"], {"train_participant_id": c["nearest_train_participant_id"],
+                                                                 "n_copies": 0, "max_score": c["score"],
+                                                                 "copies": []})
+    e["n_copies"] += 1
+    e["copies"].append(c["participant_id"])
+  return copies, memorized
+
+
+def _closest_pair_figures(checker, nn, flags, vols: np.ndarray, ids: Sequence[str], workdir: str,
+                          num_figures: int) -> list[dict[str, Any]]:
+  """The closest synthetic / train pairs under the primary measure (the embedding), as figures."""
+  fig_dir = os.path.join(workdir_lib.evaluation_dir(workdir), "figures")
+  primary, train_ids = "embedding", checker.train_ids
+  best = nn[primary].similarity[:, 0]
+  order = np.argsort(-best, kind="stable")[:num_figures]
+  train_src = loader.CohortSource(checker.prepared, "train", mmap=True)
+  pairs = []
+  for rank, i in enumerate(order):
+    j = int(nn[primary].index[i, 0])
+    path = os.path.join(fig_dir, f"privacy_pair_{rank:02d}.png")
+    title = (f"{ids[i]} vs train {train_ids[j]}: embedding r = {best[i]:.3f} (τ {checker.taus.get(primary, math.nan):.3f}), "
+             f"voxel s = {flags['voxel_score'][i]:.3f}" + (" — COPY" if flags["is_copy"][i] else ""))
+    if jax.process_index() == 0:
+      save_pair_figure(path, vols[i], np.asarray(train_src[j]["image"]), title)
+    pairs.append({"participant_id": ids[i], "train_participant_id": train_ids[j], "embedding_score": float(best[i]),
+                  "voxel_score": float(flags["voxel_score"][i]), "is_copy": bool(flags["is_copy"][i]),
+                  "figure": os.path.relpath(path, workdir)})
+  return pairs
 
 
 def result_key(pc, workdir: str, vols: np.ndarray, ids: Sequence[str]) -> str:
