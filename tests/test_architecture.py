@@ -135,8 +135,8 @@ def test_no_module_uses_another_modules_private_names():
   assert not bad, bad
 
 
-MAX_MODULE_LINES = 540      # ratchets: lower them as files split, never raise them
-MAX_FUNCTION_LINES = 127
+MAX_MODULE_LINES = 500      # ratchets: lower them as files split, never raise them
+MAX_FUNCTION_LINES = 106
 
 
 def test_no_module_or_function_outgrows_the_ratchet():

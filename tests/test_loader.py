@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from synthmri_jax.data import cache
-from synthmri_jax.data import loader
+from synthmri_jax.data import augment, loader
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.utils import io
 
@@ -238,6 +238,38 @@ def test_augment_jitter_within_bounds():
   with pytest.raises(ValueError, match="flip_axes"):
     loader.Augment.from_config(ml_collections.ConfigDict(dict(flip_axes="3", intensity_jitter=0.0)))
   assert loader.Augment.from_config(ml_collections.ConfigDict(dict(flip_axes="0, 2", intensity_jitter=0.0))).flip_axes == (0, 2)
+
+
+def test_augment_shift_moves_image_and_mask_together_by_at_most_s():
+  """Each output is the input translated by one integer offset per axis in [-s, s] (zero-filled),
+  the mask by the same offset; every offset occurs."""
+  s = 2
+  rng = np.random.default_rng(0)
+  image = rng.random(SHAPE + (1,), dtype=np.float32) + 1.0      # > 0 everywhere: the fill shows
+  mask = (rng.random(SHAPE) > 0.5).astype(np.uint8)
+  aug = loader.Augment(shift_voxels=s)
+  assert not aug.is_identity
+  seen = set()
+  for seed in range(60):
+    out = aug({"image": image, "mask": mask}, np.random.default_rng(seed))
+    hits = [d for d in itertools.product(range(-s, s + 1), repeat=3)
+            if np.array_equal(out["image"], augment.shift(image, d))]
+    assert len(hits) == 1, seed
+    d = hits[0]
+    np.testing.assert_array_equal(out["mask"], augment.shift(mask, d))
+    # closed form of the fill: exactly the entering slabs are zero
+    zero = np.zeros(SHAPE, bool)
+    for ax, k in enumerate(d):
+      sl = [slice(None)] * 3
+      sl[ax] = slice(0, k) if k > 0 else slice(SHAPE[ax] + k, SHAPE[ax])
+      zero[tuple(sl)] = True
+    assert np.array_equal(out["image"][..., 0] == 0, zero)
+    seen.update(d)
+  assert seen == set(range(-s, s + 1))
+  with pytest.raises(ValueError, match="shift_voxels"):
+    loader.Augment(shift_voxels=-1)
+  cfg = ml_collections.ConfigDict(dict(flip_axes="", intensity_jitter=0.0, shift_voxels=1))
+  assert loader.Augment.from_config(cfg).shift_voxels == 1
 
 
 @pytest.mark.parametrize("count", [1, 2])

@@ -12,6 +12,7 @@ import pytest
 import scipy.ndimage
 import scipy.stats
 
+from synthmri_jax.evaluation import membership_stats as ms
 from synthmri_jax.evaluation import privacy_stats as ps
 
 S = 24
@@ -240,11 +241,11 @@ def test_closer_to_train_permutation_test_holds_its_level_where_the_binomial_doe
 
 def test_mia_report_blind_and_separated():
   rng = np.random.default_rng(6)
-  blind = ps.membership_inference_report(rng.normal(size=300), rng.normal(size=300), n_boot=300)
+  blind = ms.membership_inference_report(rng.normal(size=300), rng.normal(size=300), n_boot=300)
   assert blind["auc"]["ci_low"] < 0.5 < blind["auc"]["ci_high"]
   assert blind["tpr_at_fpr"]["0.01"]["tpr"] < 0.08 and blind["advantage"] < 0.15
   assert blind["tpr_at_fpr"]["0.01"]["resolvable"] and not blind["tpr_at_fpr"]["0.001"]["resolvable"]
-  leaky = ps.membership_inference_report(rng.normal(size=300) + 4.0, rng.normal(size=300), n_boot=300)
+  leaky = ms.membership_inference_report(rng.normal(size=300) + 4.0, rng.normal(size=300), n_boot=300)
   assert leaky["auc"]["auc"] > 0.99 and leaky["auc"]["ci_low"] > 0.98
   t = leaky["tpr_at_fpr"]["0.01"]
   assert t["tpr"] > 0.8 and t["ci_low"] <= t["tpr"] <= t["ci_high"]
@@ -253,29 +254,29 @@ def test_mia_report_blind_and_separated():
 
 def test_loss_and_pia_scores():
   losses = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
-  np.testing.assert_allclose(ps.loss_attack_score(losses), [-2.0, -0.5])
-  np.testing.assert_allclose(ps.loss_attack_score(losses, [0, 2]), [-2.0, -0.5])
-  np.testing.assert_allclose(ps.loss_attack_score(losses, 1), [-2.0, -0.5])
-  np.testing.assert_allclose(ps.loss_attack_score(losses[:, 0]), [-1.0, -0.5])
+  np.testing.assert_allclose(ms.loss_attack_score(losses), [-2.0, -0.5])
+  np.testing.assert_allclose(ms.loss_attack_score(losses, [0, 2]), [-2.0, -0.5])
+  np.testing.assert_allclose(ms.loss_attack_score(losses, 1), [-2.0, -0.5])
+  np.testing.assert_allclose(ms.loss_attack_score(losses[:, 0]), [-1.0, -0.5])
   rng = np.random.default_rng(7)
   e0 = rng.normal(size=(4, 2, 3, 3, 3))
   et = e0 + rng.normal(size=e0.shape)
   d = (et - e0).reshape(4, -1)
-  np.testing.assert_allclose(ps.pia_attack_score(e0, et), -np.linalg.norm(d, axis=1))
-  np.testing.assert_allclose(ps.pia_attack_score(e0, et, p=4), -np.sum(d ** 4, axis=1) ** 0.25)
+  np.testing.assert_allclose(ms.pia_attack_score(e0, et), -np.linalg.norm(d, axis=1))
+  np.testing.assert_allclose(ms.pia_attack_score(e0, et, p=4), -np.sum(d ** 4, axis=1) ** 0.25)
   # Members' two predictions agree more closely: the score separates them.
   n = 200
   e0 = rng.normal(size=(2 * n, 4, 4, 4))
   et = e0 + np.r_[np.full(n, 0.5), np.full(n, 1.0)][:, None, None, None] * rng.normal(size=e0.shape)
-  s = ps.pia_attack_score(e0, et)
-  assert ps.membership_inference_report(s[:n], s[n:], n_boot=100)["auc"]["auc"] > 0.99
+  s = ms.pia_attack_score(e0, et)
+  assert ms.membership_inference_report(s[:n], s[n:], n_boot=100)["auc"]["auc"] > 0.99
 
 
 def test_mia_by_timestep():
   rng = np.random.default_rng(8)
   members, nonmembers = rng.gamma(2.0, size=(150, 3)), rng.gamma(2.0, size=(150, 3))
   members[:, 1] *= 0.4  # memorised at the middle timestep only
-  rows = ps.mia_by_timestep(members, nonmembers, [10, 100, 500], n_boot=100)
+  rows = ms.mia_by_timestep(members, nonmembers, [10, 100, 500], n_boot=100)
   assert [r["timestep"] for r in rows] == [10, 100, 500]
   assert rows[1]["auc"] > 0.75 and rows[1]["ci_low"] > 0.6
   for r in (rows[0], rows[2]):  # AUC's SE is about 0.033 here

@@ -37,7 +37,8 @@ def classifier_config() -> ml_collections.ConfigDict:
   m.conv_impl = "auto"           # synthmri_jax.models.conv formulation ('auto': fastest for the backend)
   c.batch_size = 8               # global batch
   c.label_smoothing = 0.0
-  c.intensity_jitter = 0.05      # augmentation (synthmri_jax.data.loader.Augment)
+  c.intensity_jitter = 0.05      # augmentation (synthmri_jax.data.augment.Augment)
+  c.shift_voxels = 0             # augmentation: random integer translation up to this many voxels per axis
   c.flip_axes = ""               # e.g. "0" for left-right flips; brains are not symmetric
   # Optimizer / schedule: every field of synthmri_jax.training.optim.default_train_config may be set.
   # The same number of steps for every arm, so arms differ in data, not in compute.

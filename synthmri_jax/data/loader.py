@@ -35,9 +35,7 @@ Pipelines (every process builds the same global stream; only the slice it takes 
       records in dp.json with the exact number of overflowed steps). Step s's sample depends on (seed, s)
       only; process p takes padded positions p, p+P, ...; augmentation is keyed on (seed, s, position).
       The iterator carries `.poisson_sampling` (a PoissonSampling), which the trainer's DP mode reads.
-  Augment(intensity_jitter, flip_axes); Augment.from_config(config.data)
-      Per channel: image * U(1-j, 1+j) + U(-j, j); each spatial axis in flip_axes flipped with p=1/2
-      (mask flipped identically). Applied to the 'image' and 'mask' keys only.
+  Augment (data/augment.py, re-exported here): the label-preserving augmentation the train pipelines apply.
   make_global_batch(batch, mesh) -> dict[str, jax.Array]
       Host-local numpy batch -> global arrays sharded over ('data', 'fsdp') on the batch dimension.
 
@@ -61,6 +59,7 @@ import numpy as np
 import scipy.stats
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from synthmri_jax.data.augment import Augment
 from synthmri_jax.data.cache import PreparedCohort
 from synthmri_jax.utils import io
 
@@ -151,58 +150,6 @@ class ArraySource:
 
   def __repr__(self) -> str:
     return f"ArraySource(keys={sorted(self.arrays)}, n={len(self)})"
-
-
-# ---------------------------------------------------------------- augmentation
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Light, label-preserving augmentation; a grain RandomMap so its randomness is part of the pipeline state."""
-
-  intensity_jitter: float = 0.0
-  flip_axes: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if not 0.0 <= self.intensity_jitter < 1.0:
-      raise ValueError(f"intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
-    bad = [a for a in self.flip_axes if a not in (0, 1, 2)]
-    if bad or len(set(self.flip_axes)) != len(self.flip_axes):
-      raise ValueError(f"flip_axes must be distinct spatial axes among 0, 1, 2 (X, Y, Z), got {self.flip_axes}")
-
-  @classmethod
-  def from_config(cls, data_cfg: Any) -> Augment:
-    """From config.data: intensity_jitter (float) and flip_axes ("" / "0" / "0,2" or a sequence of ints)."""
-    axes = data_cfg.flip_axes
-    if isinstance(axes, str):
-      axes = [a for a in axes.replace(" ", "").split(",") if a]
-    try:
-      parsed = tuple(int(a) for a in axes)
-    except ValueError as e:
-      raise ValueError(f"config.data.flip_axes: expected comma-separated axes among 0,1,2, got {data_cfg.flip_axes!r}") from e
-    return cls(intensity_jitter=float(data_cfg.intensity_jitter), flip_axes=parsed)
-
-  @property
-  def is_identity(self) -> bool:
-    return self.intensity_jitter == 0.0 and not self.flip_axes
-
-  def __call__(self, element: Element, rng: np.random.Generator) -> Element:
-    out = dict(element)
-    image = element["image"]
-    flips = tuple(a for a in self.flip_axes if rng.random() < 0.5)
-    if flips:
-      image = np.flip(image, axis=flips)
-      if "mask" in element:
-        out["mask"] = np.ascontiguousarray(np.flip(element["mask"], axis=flips))
-    if self.intensity_jitter > 0.0:
-      j = self.intensity_jitter
-      channels = image.shape[-1]
-      gain = rng.uniform(1.0 - j, 1.0 + j, size=channels).astype(np.float32)
-      offset = rng.uniform(-j, j, size=channels).astype(np.float32)
-      image = image * gain
-      image += offset
-    out["image"] = np.ascontiguousarray(image, dtype=np.float32)
-    return out
 
 
 # ---------------------------------------------------------------- pipelines

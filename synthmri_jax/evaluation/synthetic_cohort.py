@@ -261,21 +261,7 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
       log(f"synthetic cohort: {int(with_mask.sum())} of {len(good)} scans have masks; masks ignored "
           "(the segmentation arm needs a mask for every scan)")
       good["mask_path"] = ""
-    tasks, images, masks = [], [], []
-    for i, r in enumerate(good.to_dict("records")):
-      stem = re.sub(r"[^A-Za-z0-9.-]+", "_", "_".join(x for x in (r["participant_id"], r["session_id"]) if x))
-      stem = f"{i:06d}_{stem[:80]}"
-      image_rel, mask_rel = f"cache/{stem}.image.npy", (f"cache/{stem}.mask.npy" if r["mask_path"] else "")
-      images.append(image_rel)
-      masks.append(mask_rel)
-      if os.path.exists(os.path.join(cache_dir, image_rel)):
-        continue   # written atomically after its mask: present means complete
-      tasks.append(dict(index=i, paths=[r[c] for c in cohort.image_columns(sequences)], mask_path=r["mask_path"],
-                        image_out=os.path.join(cache_dir, image_rel),
-                        mask_out=os.path.join(cache_dir, mask_rel) if mask_rel else "",
-                        shape=tuple(grid["shape"]), spacing_mm=grid["spacing_mm"],
-                        normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"]),
-                        prepared_space=as_is))
+    tasks, images, masks = _ingest_tasks(good, cache_dir, sequences, grid, as_is)
     if as_is:
       log(f"synthetic cohort: reading {len(tasks)} of {len(good)} scans as they are (declared in the prepared "
           f"space: {tuple(grid['shape'])} at {grid['spacing_mm']:g} mm, {grid['normalization']} scale)")
@@ -297,6 +283,27 @@ def load_synthetic_cohort(folder: str, real: PreparedCohort, cache_root: str, *,
                       dtype={"participant_id": str, "session_id": str, "mask": str})
   log(f"synthetic cohort: {len(table)} scans cached in {cache_dir} ({time.time() - t0:.1f} s)")
   return SyntheticCohort(folder, key, PreparedCohort(cache_dir, table, meta), n_skipped)
+
+
+def _ingest_tasks(good: pd.DataFrame, cache_dir: str, sequences: Sequence[str], grid: dict[str, Any],
+                  as_is: bool) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+  """(ingest tasks for the scans not cached yet, every row's image and mask cache path)."""
+  tasks, images, masks = [], [], []
+  for i, r in enumerate(good.to_dict("records")):
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", "_".join(x for x in (r["participant_id"], r["session_id"]) if x))
+    stem = f"{i:06d}_{stem[:80]}"
+    image_rel, mask_rel = f"cache/{stem}.image.npy", (f"cache/{stem}.mask.npy" if r["mask_path"] else "")
+    images.append(image_rel)
+    masks.append(mask_rel)
+    if os.path.exists(os.path.join(cache_dir, image_rel)):
+      continue   # written atomically after its mask: present means complete
+    tasks.append(dict(index=i, paths=[r[c] for c in cohort.image_columns(sequences)], mask_path=r["mask_path"],
+                      image_out=os.path.join(cache_dir, image_rel),
+                      mask_out=os.path.join(cache_dir, mask_rel) if mask_rel else "",
+                      shape=tuple(grid["shape"]), spacing_mm=grid["spacing_mm"],
+                      normalization=grid["normalization"], clip_percentiles=tuple(grid["clip_percentiles"]),
+                      prepared_space=as_is))
+  return tasks, images, masks
 
 
 def write_cohort_folder(folder: str, images: Sequence[np.ndarray], labels: Sequence[str], affine: np.ndarray, *,

@@ -128,48 +128,13 @@ def run(config, workdir: str) -> dict[str, Any]:
     _check_not_stale(root, old_meta, prep, table_sha)
     key = cohort_key(prep, table_sha)
 
-    # ---- validate everything before any work
-    memo_path = os.path.join(root, "inspected.json")
-    memo = io.read_json(memo_path, default={})
-    n_files = sum(1 for c in cohort.image_columns(sequences) + ["mask_path"] for p in df[c] if p)
-    print(f"prepare: validating {len(df)} rows ({n_files} files) of {table_path}", flush=True)
-    good, problems = cohort.validate(df, labels, map_fn=pool.progress_map("files validated"), memo=memo)
-    io.write_json_atomic(memo_path, memo)
-    bad_path = os.path.join(root, "bad_files.tsv")
-    if problems and on_bad == "error":
-      raise cohort.CohortError(table_path, problems)
-    if problems:
-      cohort.write_bad_files(bad_path, problems)
-      n_bad = len({p.line for p in problems})
-      print(f"prepare: skipping {n_bad} bad row(s) (data.on_bad_file=skip); listed in {bad_path}", flush=True)
-    elif os.path.exists(bad_path):
-      os.remove(bad_path)
-    if good.empty:
-      raise cohort.CohortError(table_path, problems or [cohort.Problem(0, "", "", table_path, "no rows")],
-                               skippable=False)
+    good, problems = _validated_rows(root, df, table_path, sequences, labels, on_bad, pool)
     good = cohort.assign_splits(good, fractions, int(d.split_seed))
 
     # ---- plan the cache; record the config before any cache file is written
     cache_dir = os.path.join(root, "cache")
     os.makedirs(cache_dir, exist_ok=True)
-    img_cols = cohort.image_columns(sequences)
-    image_shape = shape + (len(sequences),)
-    tasks, images, masks = [], [], []
-    for i, r in enumerate(good.to_dict("records")):
-      sources = [r[c] for c in img_cols] + ([r["mask_path"]] if r["mask_path"] else [])
-      stem = _row_stem(r, sources)
-      image_rel = f"cache/{stem}.image.npy"
-      mask_rel = f"cache/{stem}.mask.npy" if r["mask_path"] else ""
-      images.append(image_rel)
-      masks.append(mask_rel)
-      done = _npy_ok(os.path.join(root, image_rel), image_shape, "float32") and (
-          not mask_rel or _npy_ok(os.path.join(root, mask_rel), shape, "uint8"))
-      if not done:
-        tasks.append(dict(index=i, paths=[r[c] for c in img_cols], mask_path=r["mask_path"],
-                          image_out=os.path.join(root, image_rel),
-                          mask_out=os.path.join(root, mask_rel) if mask_rel else "",
-                          shape=shape, spacing_mm=float(d.spacing_mm), normalization=str(d.normalization),
-                          clip_percentiles=tuple(float(p) for p in d.clip_percentiles)))
+    tasks, images, masks = _cache_plan(root, good, d, sequences, shape)
     table = good.assign(image=images, mask=masks)
     cohort_tsv = _table_text(table)
     if not tasks and old_meta and old_meta.get("complete") and _read(os.path.join(root, "cohort.tsv")) == cohort_tsv:
@@ -194,6 +159,53 @@ def run(config, workdir: str) -> dict[str, Any]:
   print(f"prepare: complete, {n_total} scans in {root} "
         f"({', '.join(f'{k} {v}' for k, v in meta['splits'].items())}) in {durations.short(time.time() - t_start)}", flush=True)
   return meta
+
+
+def _validated_rows(root: str, df, table_path: str, sequences, labels, on_bad: str, pool):
+  """(the good rows, the problems): every file checked before any work; with on_bad_file=skip the
+  bad rows are listed in WORKDIR/data/bad_files.tsv, with error they stop the stage."""
+  memo_path = os.path.join(root, "inspected.json")
+  memo = io.read_json(memo_path, default={})
+  n_files = sum(1 for c in cohort.image_columns(sequences) + ["mask_path"] for p in df[c] if p)
+  print(f"prepare: validating {len(df)} rows ({n_files} files) of {table_path}", flush=True)
+  good, problems = cohort.validate(df, labels, map_fn=pool.progress_map("files validated"), memo=memo)
+  io.write_json_atomic(memo_path, memo)
+  bad_path = os.path.join(root, "bad_files.tsv")
+  if problems and on_bad == "error":
+    raise cohort.CohortError(table_path, problems)
+  if problems:
+    cohort.write_bad_files(bad_path, problems)
+    n_bad = len({p.line for p in problems})
+    print(f"prepare: skipping {n_bad} bad row(s) (data.on_bad_file=skip); listed in {bad_path}", flush=True)
+  elif os.path.exists(bad_path):
+    os.remove(bad_path)
+  if good.empty:
+    raise cohort.CohortError(table_path, problems or [cohort.Problem(0, "", "", table_path, "no rows")],
+                             skippable=False)
+  return good, problems
+
+
+def _cache_plan(root: str, good, d, sequences, shape):
+  """(ingest tasks for the scans not cached yet, every row's image and mask cache path)."""
+  img_cols = cohort.image_columns(sequences)
+  image_shape = shape + (len(sequences),)
+  tasks, images, masks = [], [], []
+  for i, r in enumerate(good.to_dict("records")):
+    sources = [r[c] for c in img_cols] + ([r["mask_path"]] if r["mask_path"] else [])
+    stem = _row_stem(r, sources)
+    image_rel = f"cache/{stem}.image.npy"
+    mask_rel = f"cache/{stem}.mask.npy" if r["mask_path"] else ""
+    images.append(image_rel)
+    masks.append(mask_rel)
+    done = _npy_ok(os.path.join(root, image_rel), image_shape, "float32") and (
+        not mask_rel or _npy_ok(os.path.join(root, mask_rel), shape, "uint8"))
+    if not done:
+      tasks.append(dict(index=i, paths=[r[c] for c in img_cols], mask_path=r["mask_path"],
+                        image_out=os.path.join(root, image_rel),
+                        mask_out=os.path.join(root, mask_rel) if mask_rel else "",
+                        shape=shape, spacing_mm=float(d.spacing_mm), normalization=str(d.normalization),
+                        clip_percentiles=tuple(float(p) for p in d.clip_percentiles)))
+  return tasks, images, masks
 
 
 def _table_text(table) -> str:

@@ -17,7 +17,7 @@ from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.config_blocks.privacy import block as privacy_block
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort
-from synthmri_jax.evaluation import privacy_stats
+from synthmri_jax.evaluation import membership_stats
 from synthmri_jax.utils import io
 
 
@@ -29,7 +29,7 @@ def diffusion_attack_scores(apply_fn: Callable, schedule, params: Any, x0: np.nd
   apply_fn(params, x_t, t, cond) -> the model output (prediction_type). Returns {"losses":
   (n, len(timesteps)) denoising MSE (mean over latent elements and `noise_draws` draws, the
   noise keyed by (seed, example position, timestep, draw): pass different seeds for members
-  and non-members), "pia": (n,) privacy_stats.pia_attack_score}. One jitted model call,
+  and non-members), "pia": (n,) membership_stats.pia_attack_score}. One jitted model call,
   reused for every timestep, draw and batch (batches padded to a fixed size).
   """
   x0 = np.asarray(x0, np.float32)
@@ -71,7 +71,7 @@ def diffusion_attack_scores(apply_fn: Callable, schedule, params: Any, x0: np.nd
     e0 = eps_and_loss(params, x, c, zero_t, jnp.zeros_like(x), True)[0]
     et = eps_and_loss(params, x, c, jnp.full((batch_size,), int(pia_timestep), jnp.int32), e0, False)[0]
     e0, et = jax.device_get((e0, et))
-    pia[idx] = privacy_stats.pia_attack_score(np.asarray(e0)[:len(idx)], np.asarray(et)[:len(idx)])
+    pia[idx] = membership_stats.pia_attack_score(np.asarray(e0)[:len(idx)], np.asarray(et)[:len(idx)])
   return {"losses": losses, "pia": pia}
 
 
@@ -87,12 +87,12 @@ def operating_point(report: dict[str, Any], fpr: float = 0.01) -> dict[str, Any]
 def membership_inference(members: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray],
                          timesteps: Sequence[int], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
   """Loss attack (mean over timesteps, and per timestep) and PIA from diffusion_attack_scores outputs."""
-  loss = privacy_stats.membership_inference_report(
-      privacy_stats.loss_attack_score(members["losses"]), privacy_stats.loss_attack_score(nonmembers["losses"]),
+  loss = membership_stats.membership_inference_report(
+      membership_stats.loss_attack_score(members["losses"]), membership_stats.loss_attack_score(nonmembers["losses"]),
       fprs=(0.01,), n_boot=n_boot, seed=seed)
-  per_t = privacy_stats.mia_by_timestep(members["losses"], nonmembers["losses"], list(timesteps), n_boot=n_boot,
+  per_t = membership_stats.mia_by_timestep(members["losses"], nonmembers["losses"], list(timesteps), n_boot=n_boot,
                                         seed=seed)
-  pia = privacy_stats.membership_inference_report(members["pia"], nonmembers["pia"], fprs=(0.01,), n_boot=n_boot,
+  pia = membership_stats.membership_inference_report(members["pia"], nonmembers["pia"], fprs=(0.01,), n_boot=n_boot,
                                                   seed=seed)
   summary = lambda r: {"auc": r["auc"]["auc"], "auc_ci": [r["auc"]["ci_low"], r["auc"]["ci_high"]],
                        **operating_point(r), "advantage": r["advantage"]}
