@@ -191,7 +191,8 @@ def write_prepared(workdir: str, n: int = 24) -> None:
   pd.DataFrame(rows).to_csv(os.path.join(root, "cohort.tsv"), sep="\t", index=False)
   affine = np.diag([4.0, 4.0, 4.0, 1.0])
   affine[:3, 3] = -14.0
-  meta = {"complete": True, "shape": [8, 8, 8], "channels": ["T1w"], "labels": LABELS, "affine": affine.tolist(),
+  meta = {"complete": True, "shape": [8, 8, 8], "spacing_mm": 4.0, "normalization": "percentile",
+          "clip_percentiles": [0.5, 99.5], "channels": ["T1w"], "labels": LABELS, "affine": affine.tolist(),
           "config_hash": "toy", "cohort_tsv": os.path.join(workdir, "secret_cohort.tsv")}
   with open(os.path.join(root, "prepared.json"), "w") as f:
     json.dump(meta, f)

@@ -42,7 +42,8 @@ def write_cohort(workdir, n=11, channels=2, masks=True, split="train") -> cache.
   pd.DataFrame(rows, columns=cache.TABLE_COLUMNS).to_csv(os.path.join(root, "cohort.tsv"), sep="\t", index=False)
   io.write_json_atomic(os.path.join(root, "prepared.json"), dict(
       shape=list(SHAPE), spacing_mm=4.0, affine=np.eye(4).tolist(), channels=["T1w", "T2w"][:channels],
-      labels=["CN", "AD"], normalization="percentile", splits={split: n}, config_hash="test", complete=True))
+      labels=["CN", "AD"], normalization="percentile", clip_percentiles=[0.5, 99.5], splits={split: n},
+      config_hash="test", complete=True))
   return cache.load_prepared(str(workdir))
 
 

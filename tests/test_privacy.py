@@ -54,7 +54,8 @@ def _cohort(workdir):
   pd.DataFrame(rows, columns=cache.TABLE_COLUMNS).to_csv(os.path.join(root, "cohort.tsv"), sep="\t", index=False)
   io.write_json_atomic(os.path.join(root, "prepared.json"), dict(
       shape=list(SHAPE), spacing_mm=4.0, affine=np.eye(4).tolist(), channels=["T1w"], labels=["CN", "AD"],
-      normalization="percentile", splits=SPLITS, config_hash="privacy-test", complete=True))
+      normalization="percentile", clip_percentiles=[0.5, 99.5], splits=SPLITS, config_hash="privacy-test",
+      complete=True))
   return cache.load_prepared(str(workdir)), {s: np.stack(v) for s, v in volumes.items()}
 
 

@@ -67,9 +67,11 @@ def test_profile_of_a_real_step_attributes_time_to_its_ops(tmp_path):
   step = jax.jit(jax.grad(f, (1, 2)))
   args = (jnp.ones((2, 8, 8, 512)) * 0.01, jnp.ones((512, 512)) * 0.01, jnp.ones((3, 3, 512, 4)) * 0.01)
   compiled = step.lower(*args).compile()
-  rows, info = xp.profile_steps(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), 2,
+  # 6 steps, not 2: in the full suite the other worker shares the 2 cores, and one descheduled
+  # copy op in a 2-step trace once took 64 % of the time (conv + dot 0.36).
+  rows, info = xp.profile_steps(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), 6,
                                 str(tmp_path / "trace"))
-  assert info["steps"] == 2 and info["op_s_per_step"] > 0
+  assert info["steps"] == 6 and info["op_s_per_step"] > 0
   assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
   kinds = {r["kind"] for r in rows}
   assert "unknown" not in kinds, rows                       # every traced op is found in the HLO

@@ -40,7 +40,7 @@ part() {   # part NAME TIMEOUT_S COMMAND...: a part that fails or times out is r
 
 if [[ "$DRY" == "--dry-run" ]]; then
   FW=jax; python3 -c "import torch, monai" 2>/dev/null && FW=monai,jax
-  part bench 300 python3 tools/benchmark_throughput.py --models unet --dtypes fp32 --frameworks "$FW" --batch 2 \
+  part bench 300 python3 tools/benchmark_throughput.py --models vqvae --dtypes fp32 --frameworks "$FW" --batch 2 \
     --warmup 0 --steps 1 --rounds 1 --ddim-steps 1 --out "$OUT/bench_b2" --tag b2
   part steps_2mm 600 python3 tools/real_size_steps.py --config configs/quickstart.py --steps 2 \
     --only "tokenizer,ldm" --out "$OUT/steps"
