@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synthmri_jax.data import ingest
 from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 from synthmri_jax.workdir import PREPARED_META_FILE, data_dir
@@ -69,7 +70,7 @@ class PreparedCohort:
     return {"shape": [int(s) for s in m["shape"]], "spacing_mm": float(m["spacing_mm"]),
             "channels": list(m["channels"]), "labels": list(m["labels"]), "normalization": m["normalization"],
             "clip_percentiles": [float(p) for p in m["clip_percentiles"]],
-            "preprocess_version": int(m.get("preprocess_version", 1))}
+            "preprocess_version": int(m.get("preprocess_version", ingest.PREPROCESS_VERSION))}
 
   @property
   def has_masks(self) -> bool:

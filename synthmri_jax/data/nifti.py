@@ -251,6 +251,12 @@ def preprocess(paths: Sequence[str], mask_path: str | None, *, shape: Sequence[i
   return Preprocessed(image=np.stack(channels, axis=-1), mask=mask, affine=grid.affine)
 
 
+def on_scale(data: np.ndarray, normalization: str) -> np.ndarray:
+  """Values clipped to the range `normalize` produces (percentile: [0, 1]; zscore: unbounded), for
+  volumes made in the prepared space by other means (a decoder, a generator)."""
+  return np.clip(data, 0.0, 1.0) if normalization == "percentile" else data
+
+
 def read_prepared_space(paths: Sequence[str], mask_path: str | None, *, shape: Sequence[int], spacing_mm: float,
                         normalization: str = "percentile") -> Preprocessed:
   """Volumes already in a prepared cohort's space -> the same arrays `preprocess` would have cached.
@@ -273,7 +279,7 @@ def read_prepared_space(paths: Sequence[str], mask_path: str | None, *, shape: S
                         f"{np.round(spacing, 3).tolist()} mm, not {shape} at {spacing_mm:g} mm")
     if not np.isfinite(data).all():
       raise VolumeError(path, "non-finite voxel values")
-    channels.append(np.clip(data, 0.0, 1.0) if normalization == "percentile" else data)
+    channels.append(on_scale(data, normalization))
   mask = None
   if mask_path:
     labels, _ = load_canonical(mask_path)

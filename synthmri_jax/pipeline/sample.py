@@ -195,7 +195,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   done = sum(all(os.path.exists(f) for f in _files(out_dir, p, channels)) for p in pids)
   what = (f"DDIM {int(s.steps)} steps, eta {float(s.eta):g}" if s.sampler == "ddim"
           else f"DDPM {g.schedule.num_train_timesteps} steps")
-  gen = _Batches(g, s, plan, clip=prepared.meta["normalization"] == "percentile")
+  gen = _Batches(g, s, plan, normalization=prepared.meta["normalization"])
   log(f"sample: {n} subjects ({done} already written) with {what}, guidance {float(s.guidance_scale):g}, "
       f"batch {gen.batch_size}, LDM step {g.step}")
   reseeded = {int(k): int(v) for k, v in state.get("reseeded", {}).items()}
@@ -242,7 +242,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
            "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else g.schedule.num_train_timesteps,
            "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
            "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()}}
-  _finish(config, out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
+  _finish(out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
           _dataset_description(config, what, g.codec.description, g.step, prepared.space()), is_main, log)
   return state
 
@@ -250,8 +250,8 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
 class _Batches:
   """rows -> their volumes (B, X, Y, Z, C) on the prepared scale: sampling then decoding, timed."""
 
-  def __init__(self, g, s, plan: Mapping[str, np.ndarray], clip: bool):
-    self.g, self.plan, self.clip = g, plan, clip
+  def __init__(self, g, s, plan: Mapping[str, np.ndarray], normalization: str):
+    self.g, self.plan, self.normalization = g, plan, normalization
     self.cond = {k: plan[k] for k in g.model.conditioning.names}
     self.gen, self.decode = g.generator(s), g.decoder()
     self.batch_size = self.gen.batch_size
@@ -266,13 +266,12 @@ class _Batches:
     with jax.set_mesh(self.g.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_AXIS_RULES):
       x = np.asarray(jax.device_get(self.decode(self.g.codec.variables, z, np.asarray(c[unet_lib.LABEL], np.int32))),
                      np.float32)[: len(rows)]
-    if self.clip:
-      x = np.clip(x, 0.0, 1.0)   # the scale's range, as every prepared scan (nifti.normalize clips)
+    x = nifti.on_scale(x, self.normalization)   # the prepared scans' range
     self.clock["decode"] += time.time() - t
     return x
 
 
-def _finish(config, out_dir: str, state_path: str, state: dict[str, Any], table: pd.DataFrame,
+def _finish(out_dir: str, state_path: str, state: dict[str, Any], table: pd.DataFrame,
             description: dict[str, Any], is_main: bool, log: Callable[[str], None]) -> None:
   """Writes the cohort's table and description, then the complete state (last: it marks the end)."""
   if is_main:
