@@ -65,6 +65,12 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
     assert (a["tpr_at_1pct_fpr"] is None) == (not a["tpr_at_1pct_fpr_resolvable"])
   assert [r["timestep"] for r in mia["loss_attack"]["per_timestep"]] == [50, 200]
   assert os.path.exists(os.path.join(work, "evaluation", "privacy", f"holdout_latents_{codec.key}.npy"))
+  # The split-bias control: val (not in ldm.latents.splits here, so encoded once and cached) in the
+  # members' place, against the same holdout scores.
+  ctrl = mia["split_bias_control"]
+  assert ctrl["control_split"] == "val" and ctrl["n_control"] == SPLITS["val"]
+  assert ctrl["n_nonmembers"] == SPLITS["holdout"] and 0.0 <= ctrl["loss_attack"]["auc"] <= 1.0
+  assert os.path.exists(os.path.join(work, "evaluation", "privacy", f"val_latents_{codec.key}.npy"))
 
   # The same U-Net trained with DP-SGD through the shared trainer: per-example gradients of the
   # LDM's own loss (condition dropout, random t and noise per example), Poisson batches, dp.json.

@@ -140,7 +140,13 @@ def _write_jsons(workdir, prepared):
                                                "tpr_at_1pct_fpr_resolvable": True, "advantage": 0.1},
                                "pia": {"auc": 0.4876, "auc_ci": [0.3, 0.7], "tpr_at_1pct_fpr": None,
                                        "tpr_at_1pct_fpr_resolvable": False, "smallest_resolvable_fpr": 0.5,
-                                       "tpr_at_smallest_fpr": 0.3333, "advantage": 0.1}},
+                                       "tpr_at_smallest_fpr": 0.3333, "advantage": 0.1},
+                               "split_bias_control": {"control_split": "val", "nonmember_split": "holdout",
+                                                      "n_control": 4, "n_nonmembers": 2,
+                                                      "loss_attack": {"auc": 0.6123, "auc_ci": [0.2, 0.9],
+                                                                      "advantage": 0.25},
+                                                      "pia": {"auc": 0.4567, "auc_ci": [0.1, 0.8],
+                                                              "advantage": 0.2}}},
       "epsilon": {"models": [{"model": "ldm", "saw_private_data": True, "private": True, "epsilon": 7.891,
                               "statement": "DP-SGD: ε = 7.89 (PLD; RDP 8.5), δ = 1e-05"},
                              {"model": "tokenizer", "saw_private_data": True, "private": False, "epsilon": None,
@@ -224,6 +230,8 @@ def test_numbers_come_from_the_stage_files(full_workdir):
             "sub-synth0003", "sub-04", "0.9876",        # copies, τ
             "1 of 6", "0.523 [0.300, 0.700]", "0.017",  # copies, MIA AUC, TPR@1%FPR
             "not resolvable with 2 non-members; at FPR 50.0 %: 0.333",   # unresolvable: no number at 1 %
+            "0.612 [0.200, 0.900]", "0.457 [0.100, 0.800]", "4 `val` scans",   # MIA split-bias control
+            "p (permutation)",
             "non-private (ε = ∞): tokenizer trained without DP", "7.89",
             "+13.260 [+9.100, +17.400]", "0.54",        # anatomy by label: real effect, synthetic / real
             "0.87 [0.77, 0.98]", "23.56 dB",            # codec check
@@ -231,6 +239,7 @@ def test_numbers_come_from_the_stage_files(full_workdir):
     assert s in md, s
   head = md.split("## Summary")[0]
   assert "Useful?" in head and "Yes" in head and "0.701 [0.611, 0.922]" in head and "1 of 6" in head
+  assert "0.612 between two non-member splits" in head
   assert "answer_grid.png" in head                  # the scans beside the answers, before any detail table
   for s in ():
     assert s in md, s

@@ -87,6 +87,8 @@ def privacy_config(profile: str = "quickstart") -> ml_collections.ConfigDict:
   m.pia_timestep = 200           # PIA's attack timestep (Kong et al. 2024)
   m.batch_size = 16
   m.max_members = 0              # subsample the training latents (0: all)
+  m.control_split = "val"        # split-bias control: the same attacks with this non-member split as "members"
+                                 # ("": off; must be a split neither the LDM nor its tokenizer trained on)
   return p
 
 

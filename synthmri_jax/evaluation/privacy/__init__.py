@@ -19,7 +19,9 @@ scan with its nearest training participant and score, so a user can remove it.
 DCR / NNDR (privacy_stats.dcr_report): synthetic -> train beside holdout -> train, under both
 measures. Membership inference: members are the LDM's training latents, non-members the holdout
 split encoded by the same tokenizer; loss attack (Matsumoto et al. 2023) per timestep and
-averaged, and PIA (Kong et al. 2024); ROC-AUC and TPR at 1 % FPR with bootstrap intervals.
+averaged, and PIA (Kong et al. 2024); ROC-AUC and TPR at 1 % FPR with bootstrap intervals, beside
+the split-bias control: the same attacks between two non-member splits (val vs holdout), whose AUC
+is what the attack finds without any membership.
 
 privacy.json carries a key over its inputs (privacy block, the synthetic scans' bytes and ids, the
 prepared cohort, ldm.json, the generative models' DP records); a rerun with the same key returns
@@ -34,9 +36,10 @@ from synthmri_jax.evaluation.privacy.copies import (COPY_RULES, MEASURES, CopyCh
                                                    mid_slices, pool_volumes, save_pair_figure)
 from synthmri_jax.evaluation.privacy.epsilon import models_epsilon
 from synthmri_jax.evaluation.privacy.membership import (diffusion_attack_scores, ldm_membership_inference,
-                                                       membership_inference, operating_point)
+                                                       membership_inference, operating_point, split_bias_control)
 from synthmri_jax.evaluation.privacy.report import PRIVACY_FILE, result_key, run_privacy, run_privacy_on
 
 __all__ = ["COPY_RULES", "MEASURES", "PRIVACY_FILE", "CopyChecker", "copy_checker", "diffusion_attack_scores",
            "flag_generated", "ldm_membership_inference", "membership_inference", "mid_slices", "models_epsilon",
-           "operating_point", "pool_volumes", "result_key", "run_privacy", "run_privacy_on", "save_pair_figure"]
+           "operating_point", "pool_volumes", "result_key", "run_privacy", "run_privacy_on", "save_pair_figure",
+           "split_bias_control"]

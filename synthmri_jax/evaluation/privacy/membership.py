@@ -102,6 +102,23 @@ def membership_inference(members: dict[str, np.ndarray], nonmembers: dict[str, n
           "pia": {**summary(pia), "detail": pia}}
 
 
+def split_bias_control(control: dict[str, np.ndarray], nonmembers: dict[str, np.ndarray], control_split: str,
+                       nonmember_split: str, timesteps: Sequence[int], n_boot: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:
+  """The same attacks with a second non-member split in the members' place.
+
+  Neither split was trained on, so any AUC away from 0.5 is what the attack picks up from how the
+  splits differ (size, composition, chance), not membership: published attacks on medical models
+  reach real-attack AUCs between two non-member splits. The real attack's AUC is evidence of
+  memorisation only where it clears this one.
+  """
+  r = membership_inference(control, nonmembers, timesteps, n_boot, seed)
+  keep = ("auc", "auc_ci", "advantage")
+  return {"control_split": control_split, "nonmember_split": nonmember_split,
+          "n_control": r["n_members"], "n_nonmembers": r["n_nonmembers"],
+          "loss_attack": {k: r["loss_attack"][k] for k in keep}, "pia": {k: r["pia"][k] for k in keep}}
+
+
 def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, codec=None,
                              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Members (the LDM's cached training latents) vs the holdout split encoded by the same codec."""
@@ -137,20 +154,28 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   members = norm.normalize(np.load(os.path.join(workdir_lib.latents_dir(workdir), "train.npy")).astype(np.float32),
                            member_cond[unet_lib.LABEL])
   codec = codec if codec is not None else tokenizer.tokenizer_codec(config, workdir)
-  cache = os.path.join(workdir_lib.evaluation_dir(workdir), "privacy", f"{hold_split}_latents_{codec.key}.npy")
-  if os.path.exists(cache):
-    hold = np.load(cache)
-  else:
-    log(f"privacy: encoding the {hold_split} split with the LDM's tokenizer for membership inference")
-    src = loader.CohortSource(prepared, hold_split)
-    enc = jax.jit(codec.encode)
-    hold = np.concatenate([np.asarray(jax.device_get(enc(codec.variables, src[i]["image"][None])), np.float32)
-                           for i in range(len(src))], axis=0)
-    if jax.process_index() == 0:
-      with io.atomic_path(cache, suffix=".npy") as tmp:
-        np.save(tmp, hold)
-  hold_cond = ldm_task.split_attributes(prepared, hold_split, attributes)
-  hold = norm.normalize(hold, hold_cond[unet_lib.LABEL])
+
+  def split_latents(split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A split's normalised latents (the LDM stage's cache, else encoded once and cached) and conditions."""
+    cond = ldm_task.split_attributes(prepared, split, attributes)
+    cached = os.path.join(workdir_lib.latents_dir(workdir), f"{split}.npy")
+    cache = os.path.join(workdir_lib.evaluation_dir(workdir), "privacy", f"{split}_latents_{codec.key}.npy")
+    if (index.get("splits") or {}).get(split, {}).get("complete") and os.path.exists(cached):
+      z = np.load(cached).astype(np.float32)
+    elif os.path.exists(cache):
+      z = np.load(cache)
+    else:
+      log(f"privacy: encoding the {split} split with the LDM's tokenizer for membership inference")
+      src = loader.CohortSource(prepared, split)
+      enc = jax.jit(codec.encode)
+      z = np.concatenate([np.asarray(jax.device_get(enc(codec.variables, src[i]["image"][None])), np.float32)
+                          for i in range(len(src))], axis=0)
+      if jax.process_index() == 0:
+        with io.atomic_path(cache, suffix=".npy") as tmp:
+          np.save(tmp, z)
+    return norm.normalize(z, cond[unet_lib.LABEL]), cond
+
+  hold, hold_cond = split_latents(hold_split)
   if int(m.max_members) > 0 and len(members) > int(m.max_members):
     pick = np.sort(np.random.default_rng(int(pc.seed)).choice(len(members), int(m.max_members), replace=False))
     members, member_cond = members[pick], {k: v[pick] for k, v in member_cond.items()}
@@ -164,6 +189,18 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
   sh = diffusion_attack_scores(apply_fn, schedule, params, hold, {k: hold_cond[k] for k in names}, m.timesteps,
                                **{**kw, "seed": int(pc.seed) + 1})   # i.i.d. noise, not the members' draws
   out = membership_inference(sm, sh, m.timesteps, int(pc.n_boot), int(pc.seed))
+  control = str(m.control_split).strip()
+  if not control:
+    out["split_bias_control"] = {"skipped": "privacy.mia.control_split is empty"}
+  elif control in (hold_split, "train") or len(prepared.split(control)) < 2:
+    out["split_bias_control"] = {"skipped": f"control split {control!r} is the holdout or train split, or has "
+                                            "fewer than 2 scans"}
+  else:
+    zc, cc = split_latents(control)
+    sc = diffusion_attack_scores(apply_fn, schedule, params, zc, {k: cc[k] for k in names}, m.timesteps,
+                                 **{**kw, "seed": int(pc.seed) + 2})
+    out["split_bias_control"] = split_bias_control(sc, sh, control, hold_split, m.timesteps, int(pc.n_boot),
+                                                   int(pc.seed))
   out.update(ldm_step=int(step), nonmember_split=hold_split, prediction_type=prediction_type,
              latent_cache_key=index.get("key"), seconds=round(time.time() - t0, 1))
   return out

@@ -196,6 +196,10 @@ def _log_summary(r: dict[str, Any], log: Callable[[str], None]) -> None:
                     f"with {mia['n_nonmembers']} non-members)")
     log(f"privacy: MIA loss AUC {mia['loss_attack']['auc']:.3f} {op(mia['loss_attack'])}; "
         f"PIA AUC {mia['pia']['auc']:.3f} {op(mia['pia'])}")
+    ctrl = mia.get("split_bias_control") or {}
+    if "loss_attack" in ctrl:
+      log(f"privacy: split-bias control ({ctrl['control_split']} vs {ctrl['nonmember_split']}, both non-members): "
+          f"loss AUC {ctrl['loss_attack']['auc']:.3f}, PIA AUC {ctrl['pia']['auc']:.3f}")
   for m in r["epsilon"]["models"]:
     log(f"privacy: {m['model']}: {m['statement']}")
 

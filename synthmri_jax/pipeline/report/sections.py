@@ -49,12 +49,15 @@ def answers_section(config, inp: Inputs, figs: Figures) -> Section:
   if pv:
     mia = pv.get("membership_inference", {})
     la = mia.get("loss_attack") or {}
+    ctl = (mia.get("split_bias_control") or {}).get("loss_attack") or {}
     cohort = pv.get("epsilon", {}).get("synthetic_cohort", {})
     rows = [["synthetic scans flagged as copies of training scans",
              f"{pv.get('n_copies')} of {pv.get('synthetic', {}).get('n')} ({fmt_pct(pv.get('copy_fraction'))}); "
              f"false flags expected {fmt_pct(pv.get('expected_false_copy_fraction'))}"],
             ["membership inference on the LDM (loss attack)",
-             f"AUC {fmt(la.get('auc'))} (0.5 = chance)" if la else f"skipped ({mia.get('skipped', NOT_RUN)})"],
+             (f"AUC {fmt(la.get('auc'))} (0.5 = chance" + (f"; {fmt(ctl.get('auc'))} between two non-member splits"
+                                                          if ctl else "") + ")")
+             if la else f"skipped ({mia.get('skipped', NOT_RUN)})"],
             ["ε of the synthetic cohort", str(cohort.get("statement", "n/a"))]]
     sec.add("**Private?** Copies, membership inference and the privacy budget:")
     sec.add(Table(["check", "result"], rows, "Details: the Privacy section"))

@@ -225,7 +225,7 @@ def privacy_section(inp: Inputs) -> Section:
     rows = [[m, f"{fmt_pct(d.get('closer_to_train_share'))} ({d.get('n_closer_to_train')}/{d.get('n_synthetic')})",
              fmt_pct(d.get("expected_share")), fmt_p(d.get("share_p_value")), fmt(d.get("prob_synthetic_closer"), 3),
              fmt_p(d.get("mann_whitney_p"))] for m, d in dcr.items() if isinstance(d, dict)]
-    sec.add(Table(["measure", "synthetic closer to train than holdout", "expected", "p (binomial)",
+    sec.add(Table(["measure", "synthetic closer to train than holdout", "expected", "p (permutation)",
                    "P(DCR syn < DCR holdout)", "p (Mann-Whitney)"], rows,
                   f"Distance to closest record vs the {real.get('n_holdout')} `{real.get('holdout_split')}` scans "
                   "(a share near the expected value and P near 0.5 are healthy)"))
@@ -244,9 +244,21 @@ def privacy_section(inp: Inputs) -> Section:
         else:
           tpr = fmt(a.get("tpr_at_1pct_fpr"), 3)
         rows.append([name, fmt_ci(a.get("auc"), ci[0], ci[1]), tpr, fmt(a.get("advantage"), 3)])
+    ctrl = mia.get("split_bias_control") or {}
+    for name, key in (("loss attack", "loss_attack"), ("PIA", "pia")):
+      a = ctrl.get(key)
+      if a:
+        ci = a.get("auc_ci") or [None, None]
+        rows.append([f"{name}, split-bias control (`{ctrl.get('control_split')}` vs `{ctrl.get('nonmember_split')}`, "
+                     "both non-members)", fmt_ci(a.get("auc"), ci[0], ci[1]), "—", fmt(a.get("advantage"), 3)])
+    note = (f"; control: {ctrl.get('n_control')} `{ctrl.get('control_split')}` scans in the members' place, so its "
+            "AUC is what the attack finds without membership, and the real attack shows memorisation only where it "
+            "clears it" if ctrl.get("loss_attack") else
+            f"; split-bias control skipped ({ctrl['skipped']})" if ctrl.get("skipped") else "")
     sec.add(Table(["attack", "AUC [CI]", "TPR at 1 % FPR", "advantage (max TPR − FPR)"], rows,
                   f"Membership inference on the LDM: {mia.get('n_members')} members (training latents) vs "
-                  f"{mia.get('n_nonmembers')} non-members (`{mia.get('nonmember_split')}`); AUC 0.5 = no leakage"))
+                  f"{mia.get('n_nonmembers')} non-members (`{mia.get('nonmember_split')}`); AUC 0.5 = no leakage"
+                  + note))
   eps = pv.get("epsilon") or {}
   models = eps.get("models") or []
   if models:
