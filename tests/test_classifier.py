@@ -73,7 +73,7 @@ def trained_classifier(tmp_path_factory):
 def test_classifier_learns_separable_toy(trained_classifier):
   task, variables, test = trained_classifier
   pred = predict_source(task.predict, variables, loader.ArraySource(test), batch_size=8)
-  assert pred["probs"].shape == (40, 2) and pred["features"].shape == (40, 8)
+  assert pred["probs"].shape == (40, 2) and pred["features"].shape == (40, 16)
   np.testing.assert_allclose(pred["probs"].sum(1), 1.0, atol=1e-5)
   assert roc_auc_score(test["label"], pred["probs"][:, 1]) > 0.9
 
@@ -84,6 +84,25 @@ def test_features_method_matches_predict_and_order(trained_classifier):
   pred = predict_source(task.predict, variables, src, batch_size=8)
   direct = task.model.apply(variables, jnp.asarray(test["image"][:11]), method=ResNet3D.features)
   np.testing.assert_allclose(pred["features"], np.asarray(direct), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_half_of_the_features_keeps_a_gradient_when_the_silu_half_dies():
+  """The dead run the pooling guards against: a main path negative everywhere (the last block's
+  bias at -20) leaves silu(x) ~ 0 with no gradient; the linear half still trains the network."""
+  model = ResNet3D(num_classes=2, channels=(4, 8), blocks=1, norm_groups=2, conv_impl="native")
+  x = jnp.asarray(_toy_classes(4, 0)["image"])
+  params = unbox(model.init(jax.random.key(0), x))["params"]
+  bias = params["stage1_block0"]["conv_1"]
+  params["stage1_block0"]["conv_1"] = {**bias, "bias": jnp.full_like(bias["bias"], -20.0)}
+  feats = model.apply({"params": params}, x, method=ResNet3D.features)
+  lin, act = np.asarray(feats[:, :8]), np.asarray(feats[:, 8:])
+  assert lin.max() < -10 and np.abs(act).max() < 1e-5        # the SiLU half is dead
+
+  def stem_grad(half):
+    g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, method=ResNet3D.features)[:, half]))(params)
+    return float(jnp.linalg.norm(g["stem"]["kernel"]))
+
+  assert stem_grad(slice(8, 16)) < 1e-4 and stem_grad(slice(0, 8)) > 1e-1
 
 
 def test_multiclass_and_logical_annotations():
@@ -99,7 +118,7 @@ def test_multiclass_and_logical_annotations():
   params = unbox(params)
   batch = {"image": x + 1.0, "label": jnp.array([0, 2])}
   out, (loss, _) = jax.jit(lambda p: (task.predict(p, ms, batch), task.loss(p, ms, batch, jax.random.key(1), 0)))(params)
-  assert out["probs"].shape == (2, 3) and out["features"].shape == (2, 8) and np.isfinite(float(loss))
+  assert out["probs"].shape == (2, 3) and out["features"].shape == (2, 16) and np.isfinite(float(loss))
   with pytest.raises(ValueError, match="num_classes"):
     jax.eval_shape(lambda: ResNet3D(num_classes=1).init(jax.random.key(0), x))
 

@@ -57,7 +57,7 @@ from synthmri_jax.utils import io
 from synthmri_jax.utils.errors import UserInputError
 
 SCHEMA = "synthmri_jax.evaluation/1"
-RUN_VERSION = 1
+RUN_VERSION = 2   # 2: the classifier pools linear + SiLU features (a run made before is retrained)
 EXTRACTOR = "trtr_classifier"
 
 

@@ -14,10 +14,18 @@ stem a strided convolution, so no residual block runs at the full grid: ~8x less
 setting that keeps the quickstart study within minutes on 2 CPU cores (the strided stem still
 reads every voxel).
 
+The penultimate features are the global mean of the last stage's output and the global mean of its
+SiLU, side by side (2 x channels[-1]). The SiLU is the only nonlinearity on the main path; pooled
+alone, it can die: when a run drives the main path negative everywhere, silu(x) ~ 0 and its
+gradient vanishes, the loss stays at ln 2 and the run never leaves chance (measured on the
+quickstart cohort, 2026-12-03: AUG and TSTR runs stuck at loss 0.6931, pooled features -0.001 to
+-0.13 with a spread across scans of 1e-4 to 5e-3). The linear half keeps a gradient whatever the
+SiLU half does; the SiLU half keeps the nonlinear read-out (linear pooling alone lost ~0.04 TRTR AUC).
+
     model = ResNet3D(num_classes=2)
     logits = model.apply(variables, x)                          # (B, K)
     logits, feats = model.apply(variables, x, return_features=True)
-    feats = model.apply(variables, x, method=ResNet3D.features)   # (B, channels[-1]) float32
+    feats = model.apply(variables, x, method=ResNet3D.features)   # (B, 2 * channels[-1]) float32
 
 Binary problems use K = 2 logits and a softmax, like multi-class ones, so the task and the
 statistics need no special case (the positive-class score is probs[:, 1]). Every 3D
@@ -112,7 +120,9 @@ class ResNet3D(nn.Module):
         x = constrain(x, ACT_5D)
       for j in range(n):
         x = ResBlock(c, self.norm_groups, self.dropout, self.dtype, self.conv_impl, name=f"stage{i}_block{j}")(x, train)
-    feats = constrain(jnp.mean(nn.silu(x).astype(jnp.float32), axis=(1, 2, 3)), ("batch", "act_channels"))
+    x = x.astype(jnp.float32)   # pooled twice: linear and SiLU, see the module docstring
+    feats = jnp.concatenate([jnp.mean(x, axis=(1, 2, 3)), jnp.mean(nn.silu(x), axis=(1, 2, 3))], axis=-1)
+    feats = constrain(feats, ("batch", "act_channels"))
     h = nn.Dropout(self.dropout, deterministic=not train)(feats) if self.dropout > 0 else feats
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head",
                       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
@@ -120,7 +130,7 @@ class ResNet3D(nn.Module):
     return (logits, feats) if return_features else logits
 
   def features(self, x, train: bool = False):
-    """Penultimate features (B, channels[-1]), float32: the FD / KID embedding."""
+    """Penultimate features (B, 2 * channels[-1]), float32: the FD / KID embedding."""
     return self(x, train=train, return_features=True)[1]
 
 
