@@ -152,16 +152,25 @@ def test_consecutive_skips_stop_the_run(tmp_path, data):
     trainer.train(tt.ToyTask(poison=True), tt.config(steps=20, max_consecutive_skips=3), str(tmp_path), poisoned())
 
 
+def test_ema_decay_warmup_closed_form():
+  cfg = optim.train_config(tt.config(ema_decay=0.99))
+  got = [float(optim.ema_decay_at(cfg, n)) for n in (1, 10, 100, 890, 5000)]
+  np.testing.assert_allclose(got, [2 / 11, 11 / 20, 101 / 110, 0.99, 0.99], rtol=1e-6)
+  cfg.ema_warmup = False
+  assert float(optim.ema_decay_at(cfg, 1)) == pytest.approx(0.99)
+
+
 def test_ema_closed_form(data, main_stepper):
   d = MAIN["ema_decay"]
   init, step = main_stepper
   state = init()
   ema = _host(state.params)
   assert _bits_equal(ema, _host(state.ema_params))
-  for i in range(5):
+  for i in range(5):   # train.ema_warmup: update n decays by min(d, (1 + n) / (10 + n)), so 2/11 first
     state, _ = step(state, _batch(data, 8 * i, 8), i)
     p = _host(state.params)
-    ema = jax.tree.map(lambda e, x: np.float32(d) * e + np.float32(1 - d) * x, ema, p)
+    dn = min(d, (2.0 + i) / (11.0 + i))
+    ema = jax.tree.map(lambda e, x: np.float32(dn) * e + np.float32(1 - dn) * x, ema, p)
   for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(_host(state.ema_params))):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

@@ -29,13 +29,13 @@ def all_finite(tree: Any) -> jax.Array:
 def finish_step(state: TrainState, grads: Any, loss: jax.Array, metrics: dict, new_ms: Any, finite: jax.Array,
                  mask: Any, tx: optax.GradientTransformation, cfg, lr_fn: Callable) -> tuple[TrainState, dict]:
   """Optimizer update, EMA and the non-finite skip: shared by the normal and the DP step."""
-  ema_decay = float(cfg.ema_decay)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params = jax.tree.map(lambda t, old, new: new if t else old, mask, state.params, params)
   ema = state.ema_params
   if ema is not None:
     applied = optim.update_applied(opt_state, cfg)
+    ema_decay = optim.ema_decay_at(cfg, optim.update_count(opt_state))
     ema = jax.tree.map(
         lambda t, e, p: jnp.where(applied, ema_decay * e + (1.0 - ema_decay) * p, e) if t else e,
         mask, ema, params)
