@@ -172,3 +172,37 @@ def test_summarize_seeds():
   assert one["n"] == 1 and math.isnan(one["sd"]) and stats.format_mean_sd(one) == "0.700 (n=1)"
   with pytest.raises(ValueError):
     stats.summarize_seeds([0.7, float("nan")])
+
+
+def test_subject_bootstrap_counts_a_subject_once_however_many_sessions():
+  """Each subject scanned 4 times, the sessions identical: resampling subjects gives exactly the
+  interval of one scan per subject (binary and multi-class, and paired ΔAUC), resampling scans a
+  narrower one (it takes 4 identical sessions for 4 independent draws)."""
+  rng = np.random.default_rng(3)
+  for y, s in (binormal(rng, 20, 16, 1.0), multiclass(rng, 45, 3)):
+    subj = np.arange(len(y))
+    rep = lambda a: np.repeat(a, 4, axis=0)
+    one = stats.auc_with_ci(y, s, n_boot=400, seed=1)
+    by_subject = stats.auc_with_ci(rep(y), rep(s), n_boot=400, seed=1, subjects=rep(subj))
+    by_scan = stats.auc_with_ci(rep(y), rep(s), n_boot=400, seed=1)
+    assert by_subject["unit"] == "subjects" and by_subject["n_units"] == len(y) and one["unit"] == "scans"
+    for k in ("auc", "ci_low", "ci_high", "se"):
+      assert by_subject[k] == pytest.approx(one[k], abs=1e-9), k
+    assert by_scan["ci_high"] - by_scan["ci_low"] < 0.7 * (one["ci_high"] - one["ci_low"])
+    s2 = s + rng.normal(0, 0.5, size=s.shape)
+    if s.ndim == 2:                      # multi-class scores must stay probabilities
+      s2 = np.exp(s2) / np.exp(s2).sum(axis=1, keepdims=True)
+    d_one = stats.paired_delta_auc(y, s, s2, n_boot=400, seed=1)
+    d_sub = stats.paired_delta_auc(rep(y), rep(s), rep(s2), n_boot=400, seed=1, subjects=rep(subj))
+    for k in ("delta", "ci_low", "ci_high", "se"):
+      assert d_sub[k] == pytest.approx(d_one[k], abs=1e-9), k
+
+
+def test_subject_bootstrap_with_one_scan_each_is_the_scan_bootstrap_and_checks_labels():
+  y, s = binormal(np.random.default_rng(4), 15, 15, 0.8)
+  a = stats.auc_with_ci(y, s, n_boot=300, seed=2)
+  b = stats.auc_with_ci(y, s, n_boot=300, seed=2, subjects=[f"sub-{i}" for i in range(len(y))])
+  assert (a["ci_low"], a["ci_high"]) == (b["ci_low"], b["ci_high"]) and (a["unit"], b["unit"]) == ("scans", "subjects")
+  ids = np.arange(len(y)) // 2          # pairs straddle the classes at index 14 / 15
+  with pytest.raises(ValueError, match="one label per subject"):
+    stats.auc_with_ci(y, s, subjects=ids)

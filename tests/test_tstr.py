@@ -139,7 +139,7 @@ def test_evaluation_json_keys_and_intervals(copy_study):
   for arm in arms.values():
     assert arm["n_seeds"] == 1 and arm["auc_over_seeds"]["n"] == 1
     for p in arm["per_seed"]:
-      assert p["ci_low"] <= p["auc"] <= p["ci_high"]
+      assert p["ci_low"] <= p["auc"] <= p["ci_high"] and p["unit"] == "subjects"
     e = arm["seed_mean_scores"]
     assert e["ci_low"] <= e["auc"] <= e["ci_high"] and e["n_seeds"] == 1
   # The 10 % arm: a stratified subject subsample, >= 1 per class; AUG adds every synthetic scan.
@@ -162,7 +162,7 @@ def test_evaluation_json_keys_and_intervals(copy_study):
   seg = saved["segmentation"]
   for name in ("SEG_real", "SEG_synthetic"):
     d = seg[name]["per_seed"][0]["dice"]
-    assert d["ci_low"] <= d["mean"] <= d["ci_high"] and seg[name]["n_seeds"] == 1
+    assert d["ci_low"] <= d["mean"] <= d["ci_high"] and seg[name]["n_seeds"] == 1 and d["unit"] == "subjects"
   assert seg["delta_synthetic_minus_real"]["n_seeds"] == 1
   for arm in ("TRTR", "TSTR", "SEG_real"):
     assert os.path.exists(os.path.join(workdir, "evaluation", "runs", arm, "seed0", "result.json"))

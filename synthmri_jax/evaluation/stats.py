@@ -82,26 +82,31 @@ def tpr_at_fpr(y_true: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> flo
 
 
 def auc_with_ci(y_true: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                alpha: float = 0.05, method: str = "bca") -> dict[str, Any]:
+                alpha: float = 0.05, method: str = "bca", subjects: Sequence[Any] | None = None) -> dict[str, Any]:
   """ROC-AUC with a (1 − alpha) class-stratified bootstrap interval.
 
+  `subjects` (one id per scan) makes the subject the bootstrap's unit: a resample draws subjects
+  and takes all their scans (see _subject_units). Without it, or when every subject has one scan,
+  scans are resampled (the same interval, bit for bit; `unit` still says subjects).
+
   Returns {"auc", "ci_low", "ci_high", "se" (bootstrap SD), "alpha", "n_boot", "method"
-  (the interval actually used), "n", "n_per_class" {label: count}, "n_classes"}: plain
-  Python numbers, ready for JSON. Needs at least 2 subjects of every class.
+  (the interval actually used), "n", "n_per_class" {label: count}, "n_classes", "unit"
+  ("scans" | "subjects"), "n_units"}: plain Python numbers, ready for JSON. Needs at least 2
+  subjects of every class.
   """
   y, s, classes = _auc_inputs(y_true, scores)
-  groups = _class_groups(y, classes)
+  groups, statistic, unit = _auc_resampling(y, classes, subjects, [s])
   point = _sklearn_auc(y, s, classes)
-  boot = _bootstrap(groups, lambda *idx: _auc_of_groups(s, idx), n_boot, seed, alpha, method)
+  boot = _bootstrap(groups, lambda *idx: statistic(*idx)[0], n_boot, seed, alpha, method)
   return {"auc": point, "ci_low": boot["ci_low"], "ci_high": boot["ci_high"], "se": boot["se"],
           "alpha": float(alpha), "n_boot": int(n_boot), "method": boot["method"], "n": int(len(y)),
-          "n_per_class": {str(c): int(len(g)) for c, g in zip(classes, groups)},
-          "n_classes": int(len(classes))}
+          "n_per_class": {str(c): int((y == c).sum()) for c in classes},
+          "n_classes": int(len(classes)), "unit": unit, "n_units": int(sum(len(g) for g in groups))}
 
 
 def paired_delta_auc(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                      n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                     method: str = "bca") -> dict[str, Any]:
+                     method: str = "bca", subjects: Sequence[Any] | None = None) -> dict[str, Any]:
   """AUC_a − AUC_b of two models scored on the same test subjects, with a paired interval.
 
   Both AUCs are recomputed on each class-stratified resample of subjects, so the interval
@@ -110,18 +115,24 @@ def paired_delta_auc(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
   z = Δ / SD(Δ*), p = 2 Φ(−|z|); when every resample gives the same Δ (identical scores)
   p is 1 for Δ = 0 and 0 otherwise. For TSTR − TRTR pass scores_a = TSTR, scores_b = TRTR.
 
+  `subjects`: as in auc_with_ci (resample subjects, not scans).
+
   Returns {"delta", "auc_a", "auc_b", "ci_low", "ci_high", "se", "p_value", "alpha",
-  "n_boot", "method", "n"}.
+  "n_boot", "method", "n", "unit"}.
   """
   y, sa, classes = _auc_inputs(y_true, scores_a)
   _, sb, _ = _auc_inputs(y_true, scores_b)
   if sa.shape != sb.shape:
     raise ValueError(f"scores_a {sa.shape} and scores_b {sb.shape} differ in shape")
-  groups = _class_groups(y, classes)
+  groups, statistic, unit = _auc_resampling(y, classes, subjects, [sa, sb])
   auc_a, auc_b = _sklearn_auc(y, sa, classes), _sklearn_auc(y, sb, classes)
   delta = auc_a - auc_b
-  boot = _bootstrap(groups, lambda *idx: _auc_of_groups(sa, idx) - _auc_of_groups(sb, idx),
-                    n_boot, seed, alpha, method)
+
+  def diff(*idx):
+    a, b = statistic(*idx)
+    return a - b
+
+  boot = _bootstrap(groups, diff, n_boot, seed, alpha, method)
   se = boot["se"]
   if se > 0:
     p = float(2.0 * scipy.stats.norm.sf(abs(delta) / se))
@@ -129,7 +140,7 @@ def paired_delta_auc(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     p = 1.0 if abs(delta) < 1e-12 else 0.0
   return {"delta": delta, "auc_a": auc_a, "auc_b": auc_b, "ci_low": boot["ci_low"],
           "ci_high": boot["ci_high"], "se": se, "p_value": p, "alpha": float(alpha),
-          "n_boot": int(n_boot), "method": boot["method"], "n": int(len(y))}
+          "n_boot": int(n_boot), "method": boot["method"], "n": int(len(y)), "unit": unit}
 
 
 def tpr_at_fpr_with_ci(y_true: np.ndarray, scores: np.ndarray, fpr: float = 0.01,
@@ -299,6 +310,79 @@ def _auc_of_groups(s: np.ndarray, idx: Sequence[np.ndarray]) -> np.ndarray:
     rest = np.concatenate([idx[j] for j in range(len(idx)) if j != k], axis=-1)
     per_class.append(_mw_auc(s[idx[k], k], s[rest, k]))
   return np.mean(per_class, axis=0)
+
+
+def _subject_units(y: np.ndarray, classes: np.ndarray, subjects: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
+  """(each scan's subject index within its class (n,), subjects per class) for a subject bootstrap.
+
+  Sessions of one subject are not independent: resampling scans treats a subject with four
+  sessions as four draws, so the interval is too narrow. Resampling subjects (all their scans at
+  once, stratified by class) is the cluster bootstrap. A subject's scans must share a label.
+  """
+  ids = np.asarray([str(v) for v in np.asarray(subjects, dtype=object).ravel()])
+  if len(ids) != len(y):
+    raise ValueError(f"{len(y)} labels but {len(ids)} subject ids")
+  unit, sizes, owner = np.empty(len(y), np.int64), [], {}
+  for c in classes:
+    m = y == c
+    names, first, inv = np.unique(ids[m], return_index=True, return_inverse=True)
+    rank = np.empty(len(names), np.int64)
+    rank[np.argsort(first)] = np.arange(len(names))   # subjects in order of first appearance
+    unit[m] = rank[inv]
+    sizes.append(len(names))
+    for n in names:
+      if n in owner:
+        raise ValueError(f"subject {n!r} has scans labelled {owner[n]!r} and {c!r}: a subject bootstrap "
+                         "needs one label per subject")
+      owner[n] = c
+  return unit, sizes
+
+
+def _auc_resampling(y: np.ndarray, classes: np.ndarray, subjects: Sequence[Any] | None,
+                    scores: Sequence[np.ndarray]) -> tuple[list[np.ndarray], Callable[..., list[np.ndarray]], str]:
+  """(per-class units for _bootstrap, statistic(*idx) -> [AUC of each scores array], unit name).
+
+  With several scans per subject the units are subjects, and a resample's AUC is the weighted
+  Mann-Whitney AUC: each scan weighs as often as its subject was drawn, so every (positive,
+  negative) scan pair counts w_i w_j times. With one scan per subject this is the plain AUC of
+  the resampled scans, so that case keeps the scan path (identical numbers).
+  """
+  if subjects is not None:
+    unit, sizes = _subject_units(y, classes, subjects)
+    if sum(sizes) < len(y):
+      small = {str(c): n for c, n in zip(classes, sizes) if n < 2}
+      if small:
+        raise ValueError(f"a bootstrap interval needs at least 2 subjects per class, got {small}")
+      pairs = []   # per score array, per class k: (pos mask, H_k: pos x neg comparisons)
+      for sc in scores:
+        per = []
+        for k, c in enumerate(classes if sc.ndim == 2 else classes[1:]):
+          col = sc[:, k] if sc.ndim == 2 else sc
+          pos = y == c
+          d = col[pos][:, None] - col[~pos][None, :]
+          per.append((pos, (d > 0) + 0.5 * (d == 0)))
+        pairs.append(per)
+
+      def statistic(*idx: np.ndarray) -> list[np.ndarray]:
+        idx = _broadcast([np.asarray(i) for i in idx])
+        lead = idx[0].shape[:-1]
+        flat = [i.reshape(-1, i.shape[-1]) for i in idx]
+        b = flat[0].shape[0]
+        w = np.empty((b, len(y)))
+        for k, (c, n) in enumerate(zip(classes, sizes)):
+          counts = np.zeros((b, n))
+          np.add.at(counts, (np.arange(b)[:, None], flat[k]), 1.0)
+          w[:, y == c] = counts[:, unit[y == c]]
+        out = []
+        for per in pairs:
+          aucs = [np.einsum("bi,ij,bj->b", w[:, pos], h, w[:, ~pos]) / (w[:, pos].sum(1) * w[:, ~pos].sum(1))
+                  for pos, h in per]
+          out.append(np.mean(aucs, axis=0).reshape(lead))
+        return out
+
+      return [np.arange(n) for n in sizes], statistic, "subjects"
+  return (_class_groups(y, classes), lambda *idx: [_auc_of_groups(sc, idx) for sc in scores],
+          "scans" if subjects is None else "subjects")
 
 
 def _tpr_at_fpr_sorted(pos: np.ndarray, neg_sorted: np.ndarray, fpr: float) -> np.ndarray:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+import pandas as pd
 
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
@@ -126,6 +127,7 @@ class Study:
     self.train_table = self.real.split("train")
     self.test_table = self.real.split("test")
     self.y_test = self.test_table["label_index"].to_numpy(np.int64)
+    self.test_subjects = self.test_table["participant_id"].astype(str).to_numpy()   # the bootstrap's unit
     missing = [self.labels[k] for k in range(len(self.labels)) if (self.y_test == k).sum() < 2]
     if missing:
       raise UserInputError(f"{self.real.root}: the real test split needs at least 2 subjects of every class for "
@@ -279,8 +281,16 @@ class Study:
   def _dice_summary(self, result: dict[str, Any]) -> dict[str, Any]:
     d = np.asarray(result["test"]["dice"])
     has = np.asarray(result["test"]["has_lesion"], bool)
-    boot = lambda v: stats.bootstrap_mean(v, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
-    return {"all": boot(d), "with_lesion": boot(d[has])}
+    subj = np.asarray(result["test"]["participant_id"]).astype(str)
+    return {"all": self._subject_mean(d, subj), "with_lesion": self._subject_mean(d[has], subj[has])}
+
+  def _subject_mean(self, values: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:
+    """Mean over subjects (each subject's sessions averaged first) with a bootstrap over subjects:
+    sessions of one subject are not independent draws."""
+    codes, ids = pd.factorize(subjects)   # order of first appearance: one scan each keeps the scan-level numbers
+    per = np.bincount(codes, weights=values, minlength=len(ids)) / np.bincount(codes, minlength=len(ids))
+    out = stats.bootstrap_mean(per, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
+    return dict(out, unit="subjects")
 
   # ---------------------------------------------------------------- stages
 
@@ -345,7 +355,9 @@ class Study:
             "classifier": self.cls.model.to_dict(), "ci": {"n_boot": int(self.ev.n_boot),
                                                           "alpha": float(self.ev.alpha),
                                                           "method": str(self.ev.ci_method),
-                                                          "kind": "class-stratified bootstrap of test subjects"},
+                                                          "kind": "class-stratified bootstrap of test subjects "
+                                                                  "(a subject's sessions resampled together)",
+                                                          "n_subjects": int(len(set(self.test_subjects)))},
             "test_split": "real 'test' split of the prepared cohort (never used by a generator or classifier)",
             "subsample": "subject-level, stratified by label, >= 1 subject per class, redrawn per seed"}
 
@@ -354,7 +366,7 @@ class Study:
 
   def _auc(self, probs: np.ndarray) -> dict[str, Any]:
     return stats.auc_with_ci(self.y_test, probs, n_boot=int(self.ev.n_boot), alpha=float(self.ev.alpha),
-                             method=str(self.ev.ci_method))
+                             method=str(self.ev.ci_method), subjects=self.test_subjects)
 
   def _arm_summary(self, arm: Arm, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Intervals are recomputed from the stored scores, so evaluate.n_boot / alpha / ci_method
@@ -365,14 +377,15 @@ class Study:
       per_seed.append(dict(seed=r["seed"], n_train_real=r["train"]["n_real"],
                            n_train_synthetic=r["train"]["n_synthetic"],
                            **({"n_train_codec": r["train"]["n_codec"]} if "n_codec" in r["train"] else {}),
-                           **{k: auc[k] for k in ("auc", "ci_low", "ci_high", "se", "method", "n")}))
+                           **{k: auc[k] for k in ("auc", "ci_low", "ci_high", "se", "method", "n", "unit", "n_units")}))
     ens = self._auc(self._mean_probs(results))
     return {"real_fraction": arm.real_fraction, "synthetic": arm.synthetic, "per_seed": per_seed,
             "auc_over_seeds": stats.summarize_seeds([p["auc"] for p in per_seed]),
             "seed_mean_scores": dict(ens, n_seeds=len(results)), "n_seeds": len(results)}
 
   def _paired(self, a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    kw = dict(n_boot=int(self.ev.n_boot), alpha=float(self.ev.alpha), method=str(self.ev.ci_method))
+    kw = dict(n_boot=int(self.ev.n_boot), alpha=float(self.ev.alpha), method=str(self.ev.ci_method),
+              subjects=self.test_subjects)
     b_by_seed = {r["seed"]: r for r in b}
     per_seed = []
     for r in a:
@@ -434,12 +447,11 @@ class Study:
     for r in syn:
       if r["seed"] in by_seed:
         d = np.asarray(r["test"]["dice"]) - np.asarray(by_seed[r["seed"]]["test"]["dice"])
-        deltas.append(dict(seed=r["seed"], **stats.bootstrap_mean(d, int(self.ev.n_boot), float(self.ev.alpha),
-                                                              str(self.ev.ci_method))))
+        deltas.append(dict(seed=r["seed"], **self._subject_mean(d, np.asarray(r["test"]["participant_id"]).astype(str))))
     return {"SEG_real": self._seg_summary(real), "SEG_synthetic": self._seg_summary(syn),
             "delta_synthetic_minus_real": {"per_seed": deltas, "over_seeds": stats.summarize_seeds(
                 [d["mean"] for d in deltas]), "n_seeds": len(deltas),
-                "method": "paired per-subject Dice differences, bootstrap of their mean"}}
+                "method": "paired Dice differences averaged per subject, bootstrap of their mean over subjects"}}
 
   # ---------------------------------------------------------------- fidelity
 

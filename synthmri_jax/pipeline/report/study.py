@@ -90,7 +90,9 @@ def classification_section(inp: Inputs, figs: Figures) -> Section:
   syn = ev.get("synthetic", {})
   ci = proto.get("ci", {})
   level = f"{fmt_g(100 * (1 - num(ci.get('alpha'))), 3)} %" if num(ci.get("alpha")) is not None else "95 %"
-  sec.add(f"Every arm is tested on the same real test split ({real.get('n_test')} scans: "
+  n_subj = ci.get("n_subjects")
+  of_subjects = f" of {n_subj} subjects" if n_subj is not None and n_subj != real.get("n_test") else ""
+  sec.add(f"Every arm is tested on the same real test split ({real.get('n_test')} scans{of_subjects}: "
           + ", ".join(f"{k} {v}" for k, v in (real.get("test_per_class") or {}).items())
           + f"), never seen by a generator or classifier. Synthetic cohort: {syn.get('n')} scans ("
           + ", ".join(f"{k} {v}" for k, v in (syn.get("per_class") or {}).items()) + f"). Each arm: "
