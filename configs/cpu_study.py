@@ -16,6 +16,7 @@ from synthmri_jax.utils.config_files import sibling
 def get_config() -> ml_collections.ConfigDict:
   c = sibling(__file__, "quickstart").get_config()
   c.tokenizer.phase_train.main.steps = 400
+  c.ldm.batch_size = 16                    # the batch its README numbers were measured with
   c.ldm.train.steps = 2000
   c.ldm.train.warmup_steps = 50
   c.ldm.train.checkpoint_every = 500
@@ -23,4 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.classifier.train.steps = 400
   c.evaluate.seeds = 2
   c.evaluate.arms = "TRTR,TSTR,AUG,CODEC"   # CODEC: the TSTR this decoder allows (real train scans, encoded -> decoded)
+  c.privacy.mia.max_members = 0             # every member, 4 noise draws: the attack at full strength
+  c.privacy.mia.noise_draws = 4
   return c

@@ -105,6 +105,16 @@ def test_linear_half_of_the_features_keeps_a_gradient_when_the_silu_half_dies():
   assert stem_grad(slice(8, 16)) < 1e-4 and stem_grad(slice(0, 8)) > 1e-1
 
 
+def test_input_pool_is_a_block_mean_before_the_stem():
+  x = jnp.asarray(_toy_classes(2, 0)["image"])                       # (2, 16, 16, 16, 1)
+  pooled = x.reshape(2, 8, 2, 8, 2, 8, 2, 1).mean((2, 4, 6))
+  kw = dict(num_classes=2, channels=(4, 8), blocks=1, norm_groups=2, conv_impl="native")
+  model = ResNet3D(input_pool=2, **kw)
+  params = unbox(model.init(jax.random.key(0), x))["params"]
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)),
+                             np.asarray(ResNet3D(**kw).apply({"params": params}, pooled)), rtol=1e-5, atol=1e-6)
+
+
 def test_multiclass_and_logical_annotations():
   model = ResNet3D(num_classes=3, channels=(4, 8), blocks=(1, 2), stem_stride=2, norm_groups=2, conv_impl="native")
   x = jnp.zeros((2, 12, 10, 8, 2))

@@ -31,6 +31,7 @@ def classifier_config() -> ml_collections.ConfigDict:
   m.channels = (8, 16, 32)       # width per stage; each stage after the first halves the grid
   m.blocks = 1                   # residual blocks per stage (int or one per stage)
   m.stem_stride = 2              # 2: strided stem, no block at the full grid (~8x cheaper); 1 for fine detail
+  m.input_pool = 1               # average-pool the input by this factor per axis before the stem
   m.norm_groups = 4
   m.dropout = 0.3                # in the residual branches and before the head: 96 scans overfit in ~100 steps
   m.dtype = "float32"            # activation dtype ("bfloat16" on accelerators)

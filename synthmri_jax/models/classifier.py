@@ -100,6 +100,7 @@ class ResNet3D(nn.Module):
   channels: Sequence[int] = (8, 16, 32)
   blocks: int | Sequence[int] = 1
   stem_stride: int = 1
+  input_pool: int = 1
   norm_groups: int = 4
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -111,6 +112,9 @@ class ResNet3D(nn.Module):
       raise ValueError(f"num_classes must be >= 2 (binary uses 2 logits), got {self.num_classes}")
     blocks = tuple(int(n) for n in layers.per_level(self.blocks, len(self.channels), "blocks"))
     x = constrain(x.astype(self.dtype), ACT_5D)
+    if self.input_pool > 1:
+      k = (int(self.input_pool),) * 3
+      x = constrain(nn.avg_pool(x, k, strides=k, padding="SAME"), ACT_5D)
     x = Conv3D(self.channels[0], kernel_size=3, strides=self.stem_stride, padding="SAME", use_bias=True,
                impl=self.conv_impl, dtype=self.dtype, kernel_init=HE_INIT, name="stem")(x)
     for i, (c, n) in enumerate(zip(self.channels, blocks)):
@@ -138,6 +142,6 @@ def from_config(model_cfg, num_classes: int) -> ResNet3D:
   """ResNet3D from a `classifier.model` config block."""
   return ResNet3D(num_classes=int(num_classes), channels=tuple(int(c) for c in model_cfg.channels),
                   blocks=model_cfg.blocks if isinstance(model_cfg.blocks, int) else tuple(model_cfg.blocks),
-                  stem_stride=int(model_cfg.get("stem_stride", 1)),
+                  stem_stride=int(model_cfg.get("stem_stride", 1)), input_pool=int(model_cfg.get("input_pool", 1)),
                   norm_groups=int(model_cfg.norm_groups), dropout=float(model_cfg.dropout),
                   dtype=jnp.dtype(str(model_cfg.dtype)), conv_impl=str(model_cfg.conv_impl))
