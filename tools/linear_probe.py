@@ -29,21 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from synthmri_jax import workdir as workdir_lib  # noqa: E402
 from synthmri_jax.data.cache import load_prepared  # noqa: E402
-from synthmri_jax.data.loader import CohortSource  # noqa: E402
 from synthmri_jax.evaluation import stats  # noqa: E402
+from synthmri_jax.evaluation.arms import subsample_real  # noqa: E402
+from synthmri_jax.evaluation.privacy.copies import load_split  # noqa: E402
 from synthmri_jax.evaluation.synthetic_cohort import load_synthetic_cohort  # noqa: E402
 from synthmri_jax.utils import io  # noqa: E402
-
-
-def pooled_features(source: CohortSource, pool: int) -> tuple[np.ndarray, np.ndarray]:
-  """(n, features) float32 average-pooled voxels (all channels) and (n,) label indices."""
-  feats = []
-  for i in range(len(source)):
-    v = np.asarray(source[i]["image"], np.float32)                 # (X, Y, Z, C)
-    (x, y, z), c = (s // pool * pool for s in v.shape[:3]), v.shape[3]
-    v = v[:x, :y, :z].reshape(x // pool, pool, y // pool, pool, z // pool, pool, c).mean((1, 3, 5))
-    feats.append(v.ravel())
-  return np.stack(feats), np.asarray(source.labels, np.int32)
 
 
 def probe_auc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
@@ -59,14 +49,10 @@ def probe_auc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
   return stats.auc_with_ci(y_test, probs if probs.shape[1] > 2 else probs[:, 1], n_boot=n_boot, seed=seed)
 
 
-def matched_real_subsets(y: np.ndarray, size: int, draws: int, seed: int) -> list[np.ndarray]:
-  """`draws` random subsets of `size` real training indices, each with the real class ratio
-  (stratified, at least one scan per class)."""
-  rng = np.random.default_rng(seed)
-  classes, counts = np.unique(y, return_counts=True)
-  per = np.maximum(1, np.round(counts / counts.sum() * size).astype(int))
-  return [np.sort(np.concatenate([rng.choice(np.flatnonzero(y == k), min(n, (y == k).sum()), replace=False)
-                                  for k, n in zip(classes, per)])) for _ in range(int(draws))]
+def matched_real_subsets(table, size: int, draws: int, seed: int) -> list[np.ndarray]:
+  """`draws` real training subsets of about `size` scans: the study's own REAL_<fraction> subsample
+  (arms.subsample_real: subject-level, label-stratified) at fraction size / n, seeds seed, seed+1, ..."""
+  return [subsample_real(table, size / len(table), seed + k) for k in range(int(draws))]
 
 
 def run(workdir: str, synthetic: str = "", *, pool: int = 2, c: float = 0.1, draws: int = 5, n_boot: int = 1000,
@@ -75,9 +61,11 @@ def run(workdir: str, synthetic: str = "", *, pool: int = 2, c: float = 0.1, dra
   real = load_prepared(workdir)
   folder = os.path.abspath(synthetic) if synthetic else workdir_lib.synthetic_dir(workdir)
   syn = load_synthetic_cohort(folder, real, workdir_lib.synthetic_cache_dir(workdir), log=log)
-  xr, yr = pooled_features(CohortSource(real, "train"), pool)
-  xt, yt = pooled_features(CohortSource(real, "test"), pool)
-  xs, ys = pooled_features(syn.source(), pool)
+  flat = lambda prepared, split: load_split(prepared, split, pool).reshape(len(prepared.split(split)), -1)
+  labels = lambda prepared, split: prepared.split(split)["label_index"].to_numpy(np.int32)
+  xr, yr = flat(real, "train"), labels(real, "train")
+  xt, yt = flat(real, "test"), labels(real, "test")
+  xs, ys = flat(syn.prepared, "train"), syn.labels
   kw = dict(c=c, n_boot=n_boot, seed=seed)
   out: dict[str, Any] = {"workdir": workdir, "synthetic_dir": folder, "pool": pool, "C": c, "unit": "test scans",
                          "n_test": int(len(yt)), "probes": {}}
@@ -90,11 +78,11 @@ def run(workdir: str, synthetic: str = "", *, pool: int = 2, c: float = 0.1, dra
   record("TSTR", len(ys), probe_auc(xs, ys, xt, yt, **kw))
   if len(ys) < len(yr):
     aucs = []
-    for k, idx in enumerate(matched_real_subsets(yr, len(ys), draws, seed)):
+    for k, idx in enumerate(matched_real_subsets(real.split("train"), len(ys), draws, seed)):
       r = probe_auc(xr[idx], yr[idx], xt, yt, **kw)
       record(f"REAL_{len(ys)}#{k}", len(idx), r)
       aucs.append(r["auc"])
-    out["matched_real"] = {"n_train": int(len(ys)), "draws": int(draws), "auc_mean": float(np.mean(aucs)),
+    out["matched_real"] = {"n_train": int(len(ys)), "subsample": "evaluation.arms.subsample_real", "draws": int(draws), "auc_mean": float(np.mean(aucs)),
                            "auc_min": float(np.min(aucs)), "auc_max": float(np.max(aucs))}
     log(f"real subsets of {len(ys)} scans ({draws} draws): AUC mean {np.mean(aucs):.3f}, range "
         f"{np.min(aucs):.3f}-{np.max(aucs):.3f}; TSTR {out['probes']['TSTR']['auc']:.3f}")
