@@ -206,3 +206,15 @@ def test_subject_bootstrap_with_one_scan_each_is_the_scan_bootstrap_and_checks_l
   ids = np.arange(len(y)) // 2          # pairs straddle the classes at index 14 / 15
   with pytest.raises(ValueError, match="one label per subject"):
     stats.auc_with_ci(y, s, subjects=ids)
+
+
+def test_bootstrap_mean_by_subject_averages_sessions_first():
+  v = np.random.default_rng(5).normal(0.8, 0.1, size=30)
+  one = stats.bootstrap_mean(v, 400, 0.05, "bca", seed=1)
+  subj = np.repeat(np.arange(30), 3)
+  by_subject = stats.bootstrap_mean(np.repeat(v, 3), 400, 0.05, "bca", seed=1, subjects=subj)
+  for k in ("mean", "ci_low", "ci_high", "se"):
+    assert by_subject[k] == pytest.approx(one[k], abs=1e-12), k
+  assert by_subject["n"] == 30 and by_subject["unit"] == "subjects"
+  by_scan = stats.bootstrap_mean(np.repeat(v, 3), 400, 0.05, "bca", seed=1)
+  assert by_scan["ci_high"] - by_scan["ci_low"] < 0.7 * (one["ci_high"] - one["ci_low"])

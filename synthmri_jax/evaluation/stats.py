@@ -203,12 +203,23 @@ def format_mean_sd(summary: dict[str, Any], digits: int = 3) -> str:
 # Helpers.
 
 
-def bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0) -> dict[str, Any]:
-  """Mean of per-subject values with a scipy bootstrap interval (percentile where BCa is undefined)."""
+def bootstrap_mean(values: np.ndarray, n_boot: int, alpha: float, method: str, seed: int = 0,
+                   subjects: Sequence[Any] | None = None) -> dict[str, Any]:
+  """Mean of per-subject values with a scipy bootstrap interval (percentile where BCa is undefined).
+
+  `subjects` (one id per value, e.g. per scan): each subject's values are averaged first, so a
+  subject with several sessions is one draw; with one value per subject the numbers are unchanged.
+  """
   v = np.asarray(values, np.float64)
+  if subjects is not None:
+    codes, n = _first_appearance_codes(subjects)
+    if len(codes) != len(v):
+      raise ValueError(f"{len(v)} values but {len(codes)} subject ids")
+    v = np.bincount(codes, weights=v, minlength=n) / np.bincount(codes, minlength=n) if len(v) else v
   if v.size == 0:
     return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "alpha": float(alpha), "method": "no subjects"}
-  out = {"mean": float(v.mean()), "n": int(v.size), "alpha": float(alpha)}
+  out = {"mean": float(v.mean()), "n": int(v.size), "alpha": float(alpha),
+         "unit": "subjects" if subjects is not None else "values"}
   if v.size < 2 or np.all(v == v[0]):
     return dict(out, ci_low=out["mean"], ci_high=out["mean"], se=0.0, method="degenerate (constant or n < 2)")
   with warnings.catch_warnings():
@@ -312,6 +323,16 @@ def _auc_of_groups(s: np.ndarray, idx: Sequence[np.ndarray]) -> np.ndarray:
   return np.mean(per_class, axis=0)
 
 
+def _first_appearance_codes(subjects: Sequence[Any]) -> tuple[np.ndarray, int]:
+  """(a code per entry, number of distinct ids), codes numbered in order of first appearance, so that
+  one entry per subject keeps the entries' order (and a bootstrap's draws) unchanged."""
+  ids = np.asarray([str(v) for v in np.asarray(subjects, dtype=object).ravel()])
+  names, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+  rank = np.empty(len(names), np.int64)
+  rank[np.argsort(first)] = np.arange(len(names))
+  return rank[inv], len(names)
+
+
 def _subject_units(y: np.ndarray, classes: np.ndarray, subjects: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
   """(each scan's subject index within its class (n,), subjects per class) for a subject bootstrap.
 
@@ -325,12 +346,9 @@ def _subject_units(y: np.ndarray, classes: np.ndarray, subjects: Sequence[Any]) 
   unit, sizes, owner = np.empty(len(y), np.int64), [], {}
   for c in classes:
     m = y == c
-    names, first, inv = np.unique(ids[m], return_index=True, return_inverse=True)
-    rank = np.empty(len(names), np.int64)
-    rank[np.argsort(first)] = np.arange(len(names))   # subjects in order of first appearance
-    unit[m] = rank[inv]
-    sizes.append(len(names))
-    for n in names:
+    unit[m], n_k = _first_appearance_codes(ids[m])
+    sizes.append(n_k)
+    for n in np.unique(ids[m]):
       if n in owner:
         raise ValueError(f"subject {n!r} has scans labelled {owner[n]!r} and {c!r}: a subject bootstrap "
                          "needs one label per subject")

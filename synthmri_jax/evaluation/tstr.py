@@ -38,7 +38,6 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
-import pandas as pd
 
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
@@ -285,12 +284,8 @@ class Study:
     return {"all": self._subject_mean(d, subj), "with_lesion": self._subject_mean(d[has], subj[has])}
 
   def _subject_mean(self, values: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:
-    """Mean over subjects (each subject's sessions averaged first) with a bootstrap over subjects:
-    sessions of one subject are not independent draws."""
-    codes, ids = pd.factorize(subjects)   # order of first appearance: one scan each keeps the scan-level numbers
-    per = np.bincount(codes, weights=values, minlength=len(ids)) / np.bincount(codes, minlength=len(ids))
-    out = stats.bootstrap_mean(per, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method))
-    return dict(out, unit="subjects")
+    return stats.bootstrap_mean(values, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method),
+                                subjects=subjects)
 
   # ---------------------------------------------------------------- stages
 
