@@ -39,6 +39,7 @@ from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.evaluation import privacy_stats
 from synthmri_jax.models.classifier import group_norm
 from synthmri_jax.models.conv import Conv3D
+from synthmri_jax.models.layers import VOLUME_AXES
 from synthmri_jax.training import checkpoint as ckpt_lib
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.training import trainer
@@ -48,7 +49,6 @@ from synthmri_jax.utils import io
 ENCODER_DIR = os.path.join("evaluation", "privacy_encoder")
 META_FILE = "encoder.json"
 CACHE_VERSION = 1   # bump when the model or the views change: a cached encoder is then retrained
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 
 
 def encoder_dir(workdir: str) -> str:
@@ -81,7 +81,7 @@ class PrivacyEncoder(nn.Module):
     """project=True: (representation, projection) for the loss; else the embedding used for
     similarity: the projection (projection=True, the space the invariance was trained in) or the
     representation before the head."""
-    x = constrain(x.astype(self.dtype), ACT_5D)
+    x = constrain(x.astype(self.dtype), VOLUME_AXES)
     if self.pool > 1:
       x = nn.avg_pool(x, (self.pool,) * 3, strides=(self.pool,) * 3, padding="SAME")
     for i, c in enumerate(self.channels):
@@ -89,7 +89,7 @@ class PrivacyEncoder(nn.Module):
         x = nn.silu(group_norm(x.shape[-1], self.norm_groups, self.dtype, f"norm_{i}")(x))
       x = Conv3D(int(c), kernel_size=3, strides=1 if i == 0 else 2, padding="SAME", use_bias=True,
                  impl=self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
-      x = constrain(x, ACT_5D)
+      x = constrain(x, VOLUME_AXES)
     x = nn.silu(group_norm(x.shape[-1], self.norm_groups, self.dtype, "final_norm")(x))
     h = x.reshape(x.shape[0], -1).astype(jnp.float32)
     emb = nn.Dense(self.embed_dim, dtype=jnp.float32, name="embed")(h)

@@ -44,7 +44,6 @@ from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.sharding import constrain
 
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 # He init (variance 2 / fan_in) rather than conv.py's PyTorch default (1 / (3 fan_in)): with the
 # latter the main path shrinks ~6x in variance per convolution, scans become nearly
 # indistinguishable at the pooled features, and some seeds never leave chance level.
@@ -79,7 +78,7 @@ class ResBlock(nn.Module):
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = Conv3D(self.channels, kernel_size=3, strides=1, padding="SAME", use_bias=True, impl=self.conv_impl,
                dtype=self.dtype, kernel_init=HE_INIT, name="conv_1")(h)
-    return constrain(x + h, ACT_5D)
+    return constrain(x + h, layers.VOLUME_AXES)
 
 
 class ResNet3D(nn.Module):
@@ -111,17 +110,17 @@ class ResNet3D(nn.Module):
     if self.num_classes < 2:
       raise ValueError(f"num_classes must be >= 2 (binary uses 2 logits), got {self.num_classes}")
     blocks = tuple(int(n) for n in layers.per_level(self.blocks, len(self.channels), "blocks"))
-    x = constrain(x.astype(self.dtype), ACT_5D)
+    x = constrain(x.astype(self.dtype), layers.VOLUME_AXES)
     if self.input_pool > 1:
       k = (int(self.input_pool),) * 3
-      x = constrain(nn.avg_pool(x, k, strides=k, padding="SAME"), ACT_5D)
+      x = constrain(nn.avg_pool(x, k, strides=k, padding="SAME"), layers.VOLUME_AXES)
     x = Conv3D(self.channels[0], kernel_size=3, strides=self.stem_stride, padding="SAME", use_bias=True,
                impl=self.conv_impl, dtype=self.dtype, kernel_init=HE_INIT, name="stem")(x)
     for i, (c, n) in enumerate(zip(self.channels, blocks)):
       if i > 0:
         x = Conv3D(c, kernel_size=3, strides=2, padding="SAME", use_bias=True, impl=self.conv_impl,
                    dtype=self.dtype, kernel_init=HE_INIT, name=f"down_{i}")(x)
-        x = constrain(x, ACT_5D)
+        x = constrain(x, layers.VOLUME_AXES)
       for j in range(n):
         x = ResBlock(c, self.norm_groups, self.dropout, self.dtype, self.conv_impl, name=f"stage{i}_block{j}")(x, train)
     x = x.astype(jnp.float32)   # pooled twice: linear and SiLU, see the module docstring

@@ -25,7 +25,6 @@ from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.sharding import constrain
 
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 
 
 class PatchDiscriminator(nn.Module):
@@ -57,7 +56,7 @@ class PatchDiscriminator(nn.Module):
     feats = []
     h = Conv3D(self.channels, kernel_size=k, strides=2, padding="SAME", use_bias=True, dtype=self.dtype,
                name="initial_conv")(x.astype(self.dtype))
-    h = constrain(act(h), ACT_5D)
+    h = constrain(act(h), layers.VOLUME_AXES)
     feats.append(h)
     width = self.channels
     for i in range(self.num_layers):
@@ -67,7 +66,7 @@ class PatchDiscriminator(nn.Module):
                  name=f"conv_{i}")(h)
       groups = math.gcd(width, self.norm_groups)
       h = layers.GroupNorm(num_groups=groups, dtype=self.dtype, name=f"norm_{i}")(h)
-      h = constrain(act(h), ACT_5D)
+      h = constrain(act(h), layers.VOLUME_AXES)
       feats.append(h)
     logits = Conv3D(self.out_channels, kernel_size=k, strides=1, padding="SAME", use_bias=True, dtype=self.dtype,
                     name="final_conv")(h).astype(jnp.float32)

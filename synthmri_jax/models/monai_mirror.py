@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthmri_jax.models.conv import Conv3D, ConvTranspose3D
+from synthmri_jax.models.layers import VOLUME_AXES
 from synthmri_jax.models.quantizer import STATS, VectorQuantizer
 from synthmri_jax.sharding import constrain
 from synthmri_jax.sharding import unbox
 
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 
 
 class ResidualUnit(nn.Module):
@@ -49,7 +49,7 @@ class ResidualUnit(nn.Module):
     conv = lambda f, name: Conv3D(f, kernel_size=3, strides=1, padding=1, use_bias=True, dtype=self.dtype,
                                   impl=self.conv_impl, name=name)
     h = nn.relu(conv(self.res_channels, "conv1")(x))
-    return constrain(nn.relu(x + conv(x.shape[-1], "conv2")(h)), ACT_5D)
+    return constrain(nn.relu(x + conv(x.shape[-1], "conv2")(h)), VOLUME_AXES)
 
 
 class VQVAE(nn.Module):
@@ -91,9 +91,9 @@ class VQVAE(nn.Module):
                                      restart_threshold=0.0)
 
   def encode(self, x: jax.Array) -> jax.Array:
-    h = constrain(x.astype(self.dtype), ACT_5D)
+    h = constrain(x.astype(self.dtype), VOLUME_AXES)
     for down, units in zip(self.enc_down, self.enc_res):
-      h = constrain(nn.relu(down(h)), ACT_5D)
+      h = constrain(nn.relu(down(h)), VOLUME_AXES)
       for unit in units:
         h = unit(h)
     return self.enc_out(h)

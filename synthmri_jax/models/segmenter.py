@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from synthmri_jax.models import layers
-from synthmri_jax.models.classifier import ACT_5D, ResBlock, group_norm
+from synthmri_jax.models.classifier import ResBlock, group_norm
+from synthmri_jax.models.layers import VOLUME_AXES
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
 from synthmri_jax.sharding import constrain
 
@@ -55,13 +56,13 @@ class UNet3D(nn.Module):
     pad = [(0, -s % m) for s in spatial]
     if any(p for _, p in pad):
       x = jnp.pad(x, [(0, 0)] + pad + [(0, 0)])
-    h = constrain(x.astype(self.dtype), ACT_5D)
+    h = constrain(x.astype(self.dtype), VOLUME_AXES)
     h = self._conv(self.channels[0], 3, 1, "stem")(h)
     skips = []
     for i, c in enumerate(self.channels):
       if i > 0:
         h = nn.silu(group_norm(h.shape[-1], self.norm_groups, self.dtype, f"down_norm_{i}")(h))
-        h = constrain(self._conv(c, 3, 2, f"down_{i}")(h), ACT_5D)
+        h = constrain(self._conv(c, 3, 2, f"down_{i}")(h), VOLUME_AXES)
       for j in range(blocks[i]):
         h = ResBlock(c, self.norm_groups, 0.0, self.dtype, self.conv_impl, name=f"enc{i}_block{j}")(h, train)
       skips.append(h)
@@ -71,7 +72,7 @@ class UNet3D(nn.Module):
       h = UpsampleConv3D(c, kernel_size=3, scale=2, padding="SAME", use_bias=True, impl=self.conv_impl,
                          dtype=self.dtype, name=f"up_{i}")(h)
       h = jnp.concatenate([h, skips[i]], axis=-1)
-      h = constrain(self._conv(c, 3, 1, f"merge_{i}")(h), ACT_5D)
+      h = constrain(self._conv(c, 3, 1, f"merge_{i}")(h), VOLUME_AXES)
       for j in range(blocks[i]):
         h = ResBlock(c, self.norm_groups, 0.0, self.dtype, self.conv_impl, name=f"dec{i}_block{j}")(h, train)
     h = nn.silu(group_norm(h.shape[-1], self.norm_groups, self.dtype, "final_norm")(h))

@@ -16,7 +16,6 @@ from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.models.quantizer import VectorQuantizer
 from synthmri_jax.sharding import constrain
 
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 ACT_TOKENS = ("batch", "act_tokens", "act_channels")
 
 
@@ -130,7 +129,7 @@ class EncoderStack(nn.Module):
         h = conv(c, 3, self.dtype, "stem")(space_to_depth(h, self.patch).astype(self.dtype))
       else:
         h = layers.Downsample(c, dtype=self.dtype, name=f"down_{i}")(h)
-      h = constrain(h, ACT_5D)
+      h = constrain(h, layers.VOLUME_AXES)
       for j in range(self.num_res_blocks[i]):
         h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}", self.remat)
       if self.attention_levels[i]:
@@ -175,7 +174,7 @@ class DecoderStack(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     c_top = self.channels[self.top]
-    h = constrain(conv(c_top, 3, self.dtype, "conv_in")(z.astype(self.dtype)), ACT_5D)
+    h = constrain(conv(c_top, 3, self.dtype, "conv_in")(z.astype(self.dtype)), layers.VOLUME_AXES)
     for j in range(self.mid_blocks):
       h = _resblock(h, c_top, self.norm_groups, self.dtype, f"mid_block{j}", self.remat)
       if j == 0 and context is not None and self.fusion != "none":
@@ -184,7 +183,7 @@ class DecoderStack(nn.Module):
         h = _self_attention(h, self.num_heads, self.norm_groups, self.dtype, "mid_attn", self.remat)
     for i in reversed(range(self.top)):
       c = self.channels[i]
-      h = constrain(layers.Upsample(c, dtype=self.dtype, name=f"up_{i}")(h), ACT_5D)
+      h = constrain(layers.Upsample(c, dtype=self.dtype, name=f"up_{i}")(h), layers.VOLUME_AXES)
       for j in range(self.num_res_blocks[i]):
         h = _resblock(h, c, self.norm_groups, self.dtype, f"level{i}_block{j}", self.remat)
       if self.attention_levels[i]:
@@ -210,7 +209,7 @@ class DecoderStack(nn.Module):
     if self.fusion == "cross_attention+aligned":
       aligned = layers.dense(c, ("embed", "mlp"), zero_init=True, dtype=self.dtype, name="aligned")(context)
       h = h + aligned.astype(h.dtype).reshape(b, X, Y, Z, c)
-    return constrain(h, ACT_5D)
+    return constrain(h, layers.VOLUME_AXES)
 
 
 def quantizer(num_codes: int, code_dim: int, vq: Any, name: str) -> VectorQuantizer:

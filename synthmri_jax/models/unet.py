@@ -52,7 +52,6 @@ from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
 from synthmri_jax.sharding import constrain
 
-ACT_5D = ("batch", "act_spatial", "act_spatial", "act_spatial", "act_channels")
 ACT_TOKENS = ("batch", "act_tokens", "act_channels")
 ACT_HEADS = ("batch", "act_tokens", "act_heads", None)
 LABEL = "label"
@@ -247,7 +246,7 @@ class TimestepResBlock(nn.Module):
     h = _conv(self.out_channels, 3, self.dtype, self.conv_impl, "conv2", zero=True)(h)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, self.conv_impl, "skip_connection")(x)
-    return constrain(x + h, ACT_5D)
+    return constrain(x + h, layers.VOLUME_AXES)
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -295,7 +294,7 @@ class SpatialSelfAttention(nn.Module):
     h = constrain(h, ACT_TOKENS)
     heads = max(1, c // self.num_head_channels)
     h = Attention(heads, c // heads, c, qkv_bias=True, dtype=self.dtype, name="attn")(h)
-    return constrain(x + h.reshape(b, X, Y, Z, c), ACT_5D)
+    return constrain(x + h.reshape(b, X, Y, Z, c), layers.VOLUME_AXES)
 
 
 class TransformerBlock(nn.Module):
@@ -342,7 +341,7 @@ class SpatialTransformer(nn.Module):
     for i in range(self.num_layers):
       h = TransformerBlock(heads, inner // heads, dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context)
     h = _conv(c, 1, self.dtype, self.conv_impl, "proj_out", zero=True)(h.reshape(b, X, Y, Z, inner))
-    return constrain(x + h, ACT_5D)
+    return constrain(x + h, layers.VOLUME_AXES)
 
 
 # ------------------------------------------------------------------------------ the U-Net
@@ -434,7 +433,7 @@ class DiffusionUNet(nn.Module):
       mk_attn = lambda c, hc, name: self._block(SpatialSelfAttention)(hc, self.norm_num_groups, self.dtype, name=name)
       context = None
 
-    h = constrain(_conv(self.channels[0], 3, self.dtype, self.conv_impl, "conv_in")(x.astype(self.dtype)), ACT_5D)
+    h = constrain(_conv(self.channels[0], 3, self.dtype, self.conv_impl, "conv_in")(x.astype(self.dtype)), layers.VOLUME_AXES)
     skips = [h]
     for i, c in enumerate(self.channels):
       for j in range(blocks[i]):
@@ -443,7 +442,7 @@ class DiffusionUNet(nn.Module):
           h = mk_attn(c, head_ch[i], f"down_{i}_attn_{j}")(h, temb, context)
         skips.append(h)
       if i < levels - 1:
-        h = constrain(_conv(c, 3, self.dtype, self.conv_impl, f"down_{i}_downsample", strides=2)(h), ACT_5D)
+        h = constrain(_conv(c, 3, self.dtype, self.conv_impl, f"down_{i}_downsample", strides=2)(h), layers.VOLUME_AXES)
         skips.append(h)
 
     top = self.channels[-1]
@@ -462,7 +461,7 @@ class DiffusionUNet(nn.Module):
         # Nearest 2x upsampling + 3x3x3 conv as one sub-pixel conv on CPU (models/conv.py).
         h = UpsampleConv3D(c, 3, scale=2, padding=1, dtype=self.dtype, impl=self.conv_impl, kernel_init=conv_kernel_init,
                            name=f"up_{i}_upsample")(h)
-        h = constrain(h, ACT_5D)
+        h = constrain(h, layers.VOLUME_AXES)
 
     h = nn.silu(_norm(self.norm_num_groups, self.dtype, "out_norm")(h))
     out = _conv(self.out_channels, 3, self.dtype, self.conv_impl, "conv_out", zero=True)(h)
