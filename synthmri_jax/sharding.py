@@ -15,21 +15,26 @@ Imports nothing from the project, so models can use it without depending on trai
 
 from __future__ import annotations
 
+import types
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# 'spatial' splits each volume's activations (depth first) over chips, for volumes whose activations
+# alone outgrow a chip (the 1 mm tokenizer); XLA's SPMD partitioner exchanges the convolutions' halos.
+# It sits next to 'tensor', the innermost axis, so its frequent halo exchanges take the nearest links.
+MESH_AXES = ("data", "fsdp", "spatial", "tensor")
 
 # Logical name -> mesh axis (or axes, or None = replicated).
 LOGICAL_AXIS_RULES = (
     # activations
     ("batch", ("data", "fsdp")),
-    ("act_spatial", None),
+    ("act_spatial", "spatial"),   # the first spatial dimension the axis divides (depth, else height, ...)
     ("act_channels", None),
-    ("act_tokens", None),
+    ("act_tokens", "spatial"),    # tokens are flattened voxels, depth-major: the same split
     ("act_heads", "tensor"),
     # parameters
     ("conv_spatial", None),   # kernel depth/height/width
@@ -46,37 +51,58 @@ LOGICAL_AXIS_RULES = (
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """Mesh ('data', 'fsdp', 'tensor') from config; one -1 entry takes the remaining devices."""
+  """Mesh ('data', 'fsdp', 'spatial', 'tensor') from config (an absent 'spatial' is 1); one -1 entry
+  takes the remaining devices."""
   devices = jax.devices() if devices is None else devices
   n = len(devices)
-  sizes = [int(mesh_config.data), int(mesh_config.fsdp), int(mesh_config.tensor)]
+  raw = [getattr(mesh_config, a, 1 if a == "spatial" else None) for a in MESH_AXES]
+  if None in raw:
+    raise ValueError(f"mesh: no size for axis {MESH_AXES[raw.index(None)]!r} (the mesh block needs {list(MESH_AXES)}; "
+                     "'spatial' may be left out)")
+  sizes = [int(v) for v in raw]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = 1
   for s in sizes:
     if s != -1:
       if s < 1:
-        raise ValueError(f"mesh: axis sizes must be >= 1 or -1, got {sizes}")
+        raise ValueError(f"mesh: axis sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, sizes))}")
       known *= s
   if -1 in sizes:
     if n % known:
-      raise ValueError(f"mesh {sizes}: {n} devices are not divisible by {known}")
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = n // known
-  if sizes[0] * sizes[1] * sizes[2] != n:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {sizes[0]*sizes[1]*sizes[2]} devices, have {n}")
+  if int(np.prod(sizes)) != n:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {n}")
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 class _AllData:
   """Mesh block used when a config has none: every device on 'data'."""
-  data, fsdp, tensor = -1, 1, 1
+  data, fsdp, spatial, tensor = -1, 1, 1, 1
 
 
-def mesh_from_config(config=None, devices=None) -> jax.sharding.Mesh:
-  """make_mesh(config.mesh), or all devices on 'data' when the config has no mesh block."""
+def mesh_block(config=None, stage: str | None = None) -> Any:
+  """config.mesh, with the entries of config.<stage>.mesh (if any) in their place.
+
+  A stage whose arrays differ in kind from the others takes its own split: the 1 mm tokenizer
+  splits each volume over 'spatial', while the LDM's small latents stay on 'data'."""
   block = config.get("mesh", None) if config is not None else None
-  return make_mesh(block if block is not None else _AllData(), devices=devices)
+  src = block if block is not None else _AllData()
+  base = {a: getattr(src, a, 1 if a == "spatial" else None) for a in MESH_AXES}
+  own = config.get(stage, {}).get("mesh", None) if (config is not None and stage) else None
+  if own:
+    unknown = sorted(set(own.keys()) - set(MESH_AXES))
+    if unknown:
+      raise ValueError(f"{stage}.mesh: unknown mesh axes {unknown} (known: {list(MESH_AXES)})")
+    base.update({k: own[k] for k in own.keys()})
+  return types.SimpleNamespace(**base)
+
+
+def mesh_from_config(config=None, devices=None, stage: str | None = None) -> jax.sharding.Mesh:
+  """make_mesh(mesh_block(config, stage)): all devices on 'data' when the config has no mesh block."""
+  return make_mesh(mesh_block(config, stage), devices=devices)
 
 
 def _rules_dict(rules) -> dict[str, tuple[str, ...]]:

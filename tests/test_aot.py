@@ -43,7 +43,7 @@ def results():
 @pytest.mark.slow
 def test_steps_compile_for_v5e_and_fit_a_chip(results):
   aot, tpu, _, _ = results
-  assert tpu["target"]["chips"] == 4 and tpu["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and tpu["effort"] == -1.0
+  assert tpu["target"]["chips"] == 4 and tpu["mesh"] == {"data": 2, "fsdp": 2, "spatial": 1, "tensor": 1} and tpu["effort"] == -1.0
   names = [r["program"] for r in tpu["programs"]]
   assert names == ["tokenizer vqvae", "ldm"], names
   for r in tpu["programs"]:

@@ -158,6 +158,7 @@ class Program:
   lower: Callable[[int], Any]
   params: int = 0
   execute: Callable[[int, int], dict] | None = None
+  mesh: Any = None                # its stage's own mesh (mesh_lib.mesh_block), where that differs
 
 
 def random_inputs(specs: Any, seed: int = 0) -> Any:
@@ -247,8 +248,9 @@ def _params_spec(init: Callable[[], Any], mesh) -> Any:
                       mesh_lib.unbox(boxed), shardings)
 
 
-def programs(config, mesh) -> list[Program]:
-  """Every jitted program of the pipeline for `config` on `mesh`, in pipeline order."""
+def programs(config, mesh, tokenizer_mesh=None) -> list[Program]:
+  """Every jitted program of the pipeline for `config` on `mesh` (the tokenizer's train steps on
+  `tokenizer_mesh`, its stage's own mesh, if given), in pipeline order."""
   out: list[Program] = []
   shards = batch_shards(mesh)
   channels = len([s for s in str(config.data.sequences).split(",") if s.strip()])
@@ -257,11 +259,13 @@ def programs(config, mesh) -> list[Program]:
 
   # tokenizer: one train step per phase
   tcfg = config.tokenizer
-  tok_batch = loader.round_up(tokenizer_stage.batch_size(config), mesh)
+  tmesh = mesh if tokenizer_mesh is None else tokenizer_mesh
+  tok_batch = loader.round_up(tokenizer_stage.batch_size(config), tmesh)
   for phase in tokenizer_stage.phase_names(tcfg):
     task = make_task(tcfg, channels, phase if str(tcfg.variant) == "dual" else "main")
-    out.append(train_program(f"tokenizer {phase}", task, tokenizer_stage.train_config(config, phase), mesh,
-                             lambda b: cohort_batch(config, b, mesh, with_masks), tok_batch))
+    out.append(train_program(f"tokenizer {phase}", task, tokenizer_stage.train_config(config, phase), tmesh,
+                             lambda b: cohort_batch(config, b, tmesh, with_masks), tok_batch))
+    out[-1].mesh = tmesh
 
   # the latent the LDM models (the tokenizer's generative latent at these shapes)
   model = build_tokenizer(tcfg, channels)
@@ -475,17 +479,19 @@ def measure(prog: Program, tgt: Target, batch: int, shards: int, effort: float |
 
 
 
-def find_batch(prog: Program, tgt: Target, shards: int, cap: int = 64, effort: float | None = None) -> dict[str, Any]:
-  """The largest power-of-two per-chip batch (<= cap) whose program fits the chip's HBM."""
+def find_batch(prog: Program, tgt: Target, shards: int, cap: int = 64, effort: float | None = None,
+               spatial: int = 1) -> dict[str, Any]:
+  """The largest power-of-two batch per batch shard (<= cap) whose program fits the chip's HBM; with
+  a `spatial` split that shard's volumes are spread over `spatial` chips (per chip: b / spatial)."""
   best, tried = None, []
   b = 1
   while b <= cap:
     try:
-      row = measure(prog, tgt, b * shards, shards, effort)
+      row = measure(prog, tgt, b * shards, shards * spatial, effort)
     except Exception as e:   # e.g. XLA's own out-of-memory refusal at compile time
-      tried.append({"per_chip_batch": b, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      tried.append({"per_chip_batch": b / spatial, "error": f"{type(e).__name__}: {str(e)[:200]}"})
       break
-    tried.append({"per_chip_batch": b, "total_bytes": row["total_bytes"], "fits": row.get("fits")})
+    tried.append({"per_chip_batch": b / spatial, "total_bytes": row["total_bytes"], "fits": row.get("fits")})
     if not row.get("fits", True):
       break
     best = row
@@ -509,6 +515,9 @@ def markdown(result: dict[str, Any]) -> str:
                "| TFLOP / chip / step | est. ms / step | MFU bound |")
   lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in result["programs"]:
+    if r.get("mesh") and r["mesh"] != result["mesh"]:
+      own = ", ".join(f"{k} {v}" for k, v in r["mesh"].items() if v != 1)
+      r = dict(r, program=f"{r['program']} (mesh {own})")
     if "error" in r:
       lines.append(f"| {r['program']} | {r.get('global_batch')} | | | | | | compile failed: {r['error'][:120]} | | | |")
       continue
@@ -551,19 +560,23 @@ def run(config_path: str, topology: str, overrides: list[str], find: bool, only:
       raise SystemExit(f"FATAL: --chips {chips}: {topology} has {tgt.chips} chips")
     tgt = dataclasses.replace(tgt, devices=tgt.devices[:chips])
   mesh = mesh_lib.mesh_from_config(config, devices=list(tgt.devices))
-  shards = batch_shards(mesh)
-  progs = [p for p in programs(config, mesh) if not only or any(o.strip() in p.name for o in only.split(","))]
+  tok_mesh = mesh_lib.mesh_from_config(config, devices=list(tgt.devices), stage="tokenizer")
+  progs = [p for p in programs(config, mesh, tok_mesh)
+           if not only or any(o.strip() in p.name for o in only.split(","))]
   rows, searches = [], []
   for p in progs:
+    m = p.mesh if p.mesh is not None else mesh
+    shards, spatial = batch_shards(m), int(m.shape["spatial"])   # a volume split over `spatial` chips
     try:
       row = ({"program": p.name, "kind": p.kind, "global_batch": p.batch, "lowered_flops": lowered_flops(p, tgt, p.batch)}
-             if lowered_only else measure(p, tgt, p.batch, shards, effort))
+             if lowered_only else measure(p, tgt, p.batch, shards * spatial, effort))
     except Exception as e:
       row = {"program": p.name, "global_batch": p.batch, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    row["mesh"] = dict(m.shape)
     print(json.dumps(row), flush=True)
     rows.append(row)
     if find and p.kind.startswith("train step"):
-      searches.append(find_batch(p, tgt, shards, effort=effort))
+      searches.append(find_batch(p, tgt, shards, effort=effort, spatial=spatial))
       print(json.dumps({k: v for k, v in searches[-1].items() if k != "at_that_batch"}), flush=True)
   return {"config": os.path.relpath(os.path.abspath(config_path), REPO), "overrides": overrides,
           "target": {"name": tgt.name, "platform": tgt.platform, "forms": tgt.forms or tgt.platform, "chips": tgt.chips,

@@ -56,9 +56,9 @@ def run(config_path: str, overrides: list[str], steps: int, per_chip_batch: int,
   aot = _aot()
   config = config_files.load(config_path, overrides)
   mesh = mesh_lib.mesh_from_config(config)
-  shards = aot.batch_shards(mesh)
   rows = []
-  for prog in aot.programs(config, mesh):
+  for prog in aot.programs(config, mesh, mesh_lib.mesh_from_config(config, stage="tokenizer")):
+    shards = aot.batch_shards(prog.mesh if prog.mesh is not None else mesh)
     if only and not any(o.strip() and o.strip() in prog.name for o in only.split(",")):
       continue
     batch = per_chip_batch * shards if per_chip_batch > 0 else prog.batch

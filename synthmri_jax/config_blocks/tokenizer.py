@@ -34,6 +34,9 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   # cores; the phase always evaluates the final model on 'val' (tokenizer_metrics.json, and
   # eval/* scalars + images in the last phase's TensorBoard).
   c.phase_eval = not quick
+  # This stage's own mesh entries over config.mesh (sharding.mesh_block). spatial > 1 splits each
+  # volume's activations over that many chips: the 1 mm tokenizer on 16 GiB chips (configs/v5e_1mm.py).
+  c.mesh = ml_collections.ConfigDict(dict(spatial=1))
 
   # ------------------------------------------------------------ architecture
   a = c.model = ml_collections.ConfigDict()

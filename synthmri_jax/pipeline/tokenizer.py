@@ -75,8 +75,9 @@ def train_config(config, phase: str) -> ml_collections.ConfigDict:
 
 
 def _config_key(config, prepared) -> str:
+  # the stage's mesh only splits the same computation (tests/test_spatial.py): not part of the key
   return workdir_lib.fingerprint({
-      "tokenizer": config_files.plain(config.tokenizer),
+      "tokenizer": {k: v for k, v in config_files.plain(config.tokenizer).items() if k != "mesh"},
       "train": config_files.plain(config.train) if "train" in config else None,
       "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": batch_size(config)})
 
@@ -87,7 +88,8 @@ def batch_size(config) -> int:
 
 
 def _mesh(config):
-  return mesh_lib.mesh_from_config(config)
+  """The tokenizer's train mesh: config.mesh with tokenizer.mesh's entries (e.g. spatial = 4 at 1 mm)."""
+  return mesh_lib.mesh_from_config(config, stage="tokenizer")
 
 
 def evaluate_split(task, params, model_state, source, batch_size: int, mesh) -> dict[str, Any]:
