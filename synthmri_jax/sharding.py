@@ -50,12 +50,17 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def _axis_size(block, axis: str):
+  """A mesh block's size for `axis`; 'spatial' may be left out (1), the others may not (None)."""
+  return getattr(block, axis, 1 if axis == "spatial" else None)
+
+
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """Mesh ('data', 'fsdp', 'spatial', 'tensor') from config (an absent 'spatial' is 1); one -1 entry
   takes the remaining devices."""
   devices = jax.devices() if devices is None else devices
   n = len(devices)
-  raw = [getattr(mesh_config, a, 1 if a == "spatial" else None) for a in MESH_AXES]
+  raw = [_axis_size(mesh_config, a) for a in MESH_AXES]
   if None in raw:
     raise ValueError(f"mesh: no size for axis {MESH_AXES[raw.index(None)]!r} (the mesh block needs {list(MESH_AXES)}; "
                      "'spatial' may be left out)")
@@ -90,7 +95,7 @@ def mesh_block(config=None, stage: str | None = None) -> Any:
   splits each volume over 'spatial', while the LDM's small latents stay on 'data'."""
   block = config.get("mesh", None) if config is not None else None
   src = block if block is not None else _AllData()
-  base = {a: getattr(src, a, 1 if a == "spatial" else None) for a in MESH_AXES}
+  base = {a: _axis_size(src, a) for a in MESH_AXES}
   own = config.get(stage, {}).get("mesh", None) if (config is not None and stage) else None
   if own:
     unknown = sorted(set(own.keys()) - set(MESH_AXES))

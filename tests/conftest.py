@@ -1,9 +1,12 @@
 """Shared test set-up. Tests run on one CPU device; tests that need several fake devices or
 several processes start a subprocess with XLA_FLAGS set before jax is imported."""
 
+import json
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,6 +17,22 @@ if REPO not in sys.path:
 @pytest.fixture
 def repo_root() -> str:
   return REPO
+
+
+@pytest.fixture
+def on_fake_devices():
+  """run(child, out, timeout) -> (OUT.json, OUT.npz): `child` (Python source) runs in a subprocess on 8
+  fake CPU devices with the repository and tests/ importable; it writes OUT.json and OUT.npz."""
+
+  def run(child: str, out: str, timeout: int = 600):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", child, out], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out + ".json") as f:
+      return json.load(f), np.load(out + ".npz")
+
+  return run
 
 
 # The files with the longest compiles, longest first (measured: tokenizer ~6 min, ldm ~4,

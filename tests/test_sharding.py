@@ -3,11 +3,6 @@
 Runs in a subprocess because XLA_FLAGS must be set before jax starts.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 
 _CHILD = r"""
@@ -57,15 +52,8 @@ with open(out + ".json", "w") as f:
 """
 
 
-def test_sharded_steps_match_single_device(tmp_path, repo_root):
-  out = str(tmp_path / "sharding")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=os.pathsep.join([repo_root, os.path.join(repo_root, "tests")]))
-  proc = subprocess.run([sys.executable, "-c", _CHILD, out], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(out + ".json") as f:
-    r = json.load(f)
-  arrays = np.load(out + ".npz")
+def test_sharded_steps_match_single_device(tmp_path, on_fake_devices):
+  r, arrays = on_fake_devices(_CHILD, str(tmp_path / "sharding"))
   ref = r["1x1x1"]
   n = len([k for k in arrays.files if k.startswith("1x1x1_")])
   for name in ("8x1x1", "2x4x1", "2x2x2"):

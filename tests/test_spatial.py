@@ -6,11 +6,6 @@ activations (the point of the axis: the 1 mm tokenizer on 16 GiB chips). A stage
 Runs in a subprocess because XLA_FLAGS must be set before jax starts.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import ml_collections
 import numpy as np
 import pytest
@@ -78,15 +73,8 @@ with open(out + ".json", "w") as f:
 
 
 @pytest.mark.slow
-def test_spatial_split_matches_one_device_and_splits_the_activations(tmp_path, repo_root):
-  out = str(tmp_path / "spatial")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=os.pathsep.join([repo_root, os.path.join(repo_root, "tests")]))
-  proc = subprocess.run([sys.executable, "-c", _CHILD, out], env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(out + ".json") as f:
-    r = json.load(f)
-  arrays = np.load(out + ".npz")
+def test_spatial_split_matches_one_device_and_splits_the_activations(tmp_path, on_fake_devices):
+  r, arrays = on_fake_devices(_CHILD, str(tmp_path / "spatial"), timeout=900)
   ref = "1x1x1x1"
   n = len([k for k in arrays.files if k.startswith(ref + "_")])
   assert n == len([k for k in arrays.files if k.startswith("init_")])

@@ -28,6 +28,7 @@ way the MFU figure is an upper bound on what a step could reach, not a measureme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -395,8 +396,9 @@ def _train(train_block, config) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------ compile and measure
 
 
-def _cost(compiled) -> dict[str, float]:
-  cost = compiled.cost_analysis()
+def _cost(program) -> dict[str, float]:
+  """XLA's cost analysis of a Lowered or Compiled program, as one dict."""
+  cost = program.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return dict(cost or {})
@@ -408,33 +410,29 @@ def _refused_bytes(message: str) -> float | None:
   return None if not m else float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))
 
 
-class optimization_effort:
+@contextlib.contextmanager
+def optimization_effort(effort: float | None):
   """XLA's exec-time optimisation effort in [-1, 1] while compiling (None: XLA's default, 0).
 
   -1 skips most of XLA:TPU's autotuning: the quickstart's steps compile 3x faster (tokenizer 112 -> 34 s,
   LDM 134 -> 40 s on 2 cores) with FLOPs within 1 % and per-chip bytes within 35 % of the default
   (measured 2026-12-07). For CI's fit checks, not for the tables in docs/SCALING.md."""
-
-  def __init__(self, effort: float | None):
-    self.effort = effort
-
-  def __enter__(self):
-    if self.effort is not None:
-      self.saved = jax.config.jax_exec_time_optimization_effort
-      jax.config.update("jax_exec_time_optimization_effort", float(self.effort))
-
-  def __exit__(self, *exc):
-    if self.effort is not None:
-      jax.config.update("jax_exec_time_optimization_effort", self.saved)
+  if effort is None:
+    yield
+    return
+  saved = jax.config.jax_exec_time_optimization_effort
+  jax.config.update("jax_exec_time_optimization_effort", float(effort))
+  try:
+    yield
+  finally:
+    jax.config.update("jax_exec_time_optimization_effort", saved)
 
 
 def lowered_flops(prog: Program, tgt: Target, batch: int) -> float:
   """FLOPs of `prog`'s HLO as lowered for `tgt`, before any backend optimisation: XLA's cost analysis
   of the program itself, in seconds rather than a compile's minutes."""
   with backend.compiling_for(tgt.forms or tgt.platform):
-    cost = prog.lower(batch).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
+    return float(_cost(prog.lower(batch)).get("flops", float("nan")))
 
 
 def measure(prog: Program, tgt: Target, batch: int, shards: int, effort: float | None = None) -> dict[str, Any]:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthmri_jax.models import layers
-from synthmri_jax.models.tokenizer_blocks import (ACT_TOKENS, DecoderStack, EncoderStack, LatentHead,
+from synthmri_jax.models.tokenizer_blocks import (DecoderStack, EncoderStack, LatentHead,
                                                  attention_mask, check_grid, conv, group_count, quantizer,
                                                  space_to_depth)
 from synthmri_jax.sharding import constrain
@@ -259,7 +259,7 @@ class ClinicalTokens(nn.Module):
     h = nn.silu(conv(self.width, 3, self.dtype, "conv")(z_clin.astype(self.dtype)))
     h = space_to_depth(h, self.fold)
     tokens = layers.dense(self.out_width, ("embed", "mlp"), dtype=self.dtype, name="proj")(h.reshape(batch, n, -1))
-    tokens = constrain(tokens, ACT_TOKENS)
+    tokens = constrain(tokens, layers.TOKEN_AXES)
     if drop is not None:
       tokens = jnp.where(drop[:, None, None], null_tokens, tokens)
     return tokens

@@ -16,7 +16,6 @@ from synthmri_jax.models.conv import Conv3D
 from synthmri_jax.models.quantizer import VectorQuantizer
 from synthmri_jax.sharding import constrain
 
-ACT_TOKENS = ("batch", "act_tokens", "act_channels")
 
 
 def space_to_depth(x: jax.Array, f: int) -> jax.Array:

@@ -52,8 +52,6 @@ from synthmri_jax.models import layers
 from synthmri_jax.models.conv import Conv3D, UpsampleConv3D
 from synthmri_jax.sharding import constrain
 
-ACT_TOKENS = ("batch", "act_tokens", "act_channels")
-ACT_HEADS = ("batch", "act_tokens", "act_heads", None)
 LABEL = "label"
 KINDS = ("continuous", "categorical")
 Cond = Mapping[str, jax.Array]
@@ -205,7 +203,7 @@ class ConditionEncoder(nn.Module):
                         (d,), jnp.float32)
       tokens.append(jnp.where(given[:, None], h, null[None]))
     out = jnp.stack(tokens, axis=1).astype(self.dtype)
-    return constrain(out, ACT_TOKENS)
+    return constrain(out, layers.TOKEN_AXES)
 
 
 # ------------------------------------------------------------------------------ blocks
@@ -251,7 +249,7 @@ class TimestepResBlock(nn.Module):
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
   b, n, c = x.shape
-  return constrain(x.reshape(b, n, num_heads, c // num_heads), ACT_HEADS)
+  return constrain(x.reshape(b, n, num_heads, c // num_heads), layers.HEAD_AXES)
 
 
 class Attention(nn.Module):
@@ -291,7 +289,7 @@ class SpatialSelfAttention(nn.Module):
     del temb, context
     b, X, Y, Z, c = x.shape
     h = _norm(self.norm_num_groups, self.dtype, "norm")(x).reshape(b, X * Y * Z, c)
-    h = constrain(h, ACT_TOKENS)
+    h = constrain(h, layers.TOKEN_AXES)
     heads = max(1, c // self.num_head_channels)
     h = Attention(heads, c // heads, c, qkv_bias=True, dtype=self.dtype, name="attn")(h)
     return constrain(x + h.reshape(b, X, Y, Z, c), layers.VOLUME_AXES)
@@ -313,7 +311,7 @@ class TransformerBlock(nn.Module):
     h = _dense(8 * d, "ff_linear1", dtype=self.dtype)(ln("norm3")(x))
     value, gate = jnp.split(h, 2, axis=-1)
     h = _dense(d, "ff_linear2", names=("mlp", "embed"), dtype=self.dtype)(value * nn.gelu(gate, approximate=False))
-    return constrain(x + h, ACT_TOKENS)
+    return constrain(x + h, layers.TOKEN_AXES)
 
 
 class SpatialTransformer(nn.Module):
@@ -337,7 +335,7 @@ class SpatialTransformer(nn.Module):
     inner = heads * (c // heads)
     h = _norm(self.norm_num_groups, self.dtype, "norm")(x)
     h = _conv(inner, 1, self.dtype, self.conv_impl, "proj_in")(h)
-    h = constrain(h.reshape(b, X * Y * Z, inner), ACT_TOKENS)
+    h = constrain(h.reshape(b, X * Y * Z, inner), layers.TOKEN_AXES)
     for i in range(self.num_layers):
       h = TransformerBlock(heads, inner // heads, dtype=self.dtype, name=f"transformer_blocks_{i}")(h, context)
     h = _conv(c, 1, self.dtype, self.conv_impl, "proj_out", zero=True)(h.reshape(b, X, Y, Z, inner))
