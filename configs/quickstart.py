@@ -8,6 +8,7 @@ import ml_collections
 
 from synthmri_jax.config_blocks.evaluate import classifier_config, evaluate_config
 from synthmri_jax.config_blocks.privacy import privacy_config
+from synthmri_jax.config_blocks.public import public_config
 from synthmri_jax.config_blocks.ldm import ldm_config, sample_config
 from synthmri_jax.config_blocks.tokenizer import tokenizer_config
 
@@ -59,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.classifier = classifier_config()             # TSTR/TRTR classifier (and lesion segmenter when masks exist)
   c.evaluate = evaluate_config()                 # the study: arms, seeds, fidelity
   c.privacy = privacy_config("quickstart")       # copy detection, DCR, membership inference, epsilon per model
+  c.public = public_config()                     # off; on: tokenizer and statistics fit on a public cohort (configs/quickstart_dp.py)
 
   # The 15-minute budget on 2 CPU cores (measured per stage in README "What runs today"). These
   # are demonstration budgets: every stage runs for real, but far shorter than a study needs

@@ -179,8 +179,10 @@ def test_epsilon_per_model(study):
   assert ldm["private"] and ldm["epsilon_pld"] == pytest.approx(study["ldm_dp"]["epsilon_pld"])
   assert ldm["epsilon_rdp"] == pytest.approx(study["ldm_dp"]["epsilon_rdp"]) and "DP-SGD" in ldm["statement"]
   assert not by["privacy_encoder"]["private"] and "never exported" in by["privacy_encoder"]["statement"]
-  assert eps["synthetic_cohort"]["epsilon_generator_upper_bound"] is None      # the tokenizer is not DP
-  assert "tokenizer trained without DP" in eps["synthetic_cohort"]["statement"]
+  cohort = eps["synthetic_cohort"]
+  assert cohort["epsilon"] is None                                           # the tokenizer saw private scans
+  assert "tokenizer weights (the decoder of every synthetic scan): private data, no mechanism" in cohort["statement"]
+  assert {r["release"]: r["private"] for r in cohort["releases"]}["LDM weights"]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthmri_jax.data import cache
+from synthmri_jax.data import cache, public
 from synthmri_jax.evaluation import privacy
 from synthmri_jax.config_blocks.privacy import dp_config
 from synthmri_jax.training import trainer
@@ -20,6 +20,7 @@ from synthmri_jax.latents import LatentCodec, LatentNorm
 from synthmri_jax.pipeline import ldm as ldm_stage
 from synthmri_jax.tasks import ldm as ldm_task
 from test_ldm import tiny_ldm_config
+from synthmri_jax.utils import io
 from test_privacy import SPLITS, _cohort, _config
 
 
@@ -38,8 +39,26 @@ def _pool_codec():
   return LatentCodec(encode, decode, {"gain": jnp.float32(3.0)}, key="pool4", description="test stand-in")
 
 
+def _public_cohort(work):
+  """WORKDIR/public: the private cohort's scans at half the intensity and 20 years older, so that
+  anything fit on it is told apart from the same fit on the private cohort in closed form."""
+  root = public.root(work)
+  _cohort(root)
+  prepared = cache.load_prepared(root)
+  for rel in prepared.table["image"]:
+    path = os.path.join(prepared.root, rel)
+    np.save(path, 0.5 * np.load(path))
+  table = prepared.table.assign(age=prepared.table["age"] + 20)
+  table.to_csv(os.path.join(prepared.root, "cohort.tsv"), sep="\t", index=False)
+  meta = dict(prepared.meta, config_hash="public-test",
+              split_labels={s: {lab: int(((table["split"] == s) & (table["label"] == lab)).sum()) for lab in ("CN", "AD")}
+                            for s in SPLITS})
+  io.write_json_atomic(os.path.join(prepared.root, "prepared.json"), meta)
+
+
 def _ldm_config():
   c = _config()
+  c.public = ml_collections.ConfigDict(dict(enabled=True))   # norm, age statistics, attribute model: public
   c.data = ml_collections.ConfigDict(dict(batch_size=8, shuffle_seed=0, labels="CN,AD"))
   c.ldm = tiny_ldm_config()
   c.ldm.latents.splits = "train"
@@ -54,8 +73,23 @@ def _ldm_config():
 def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   work = str(tmp_path / "with_ldm")
   _cohort(work)
+  _public_cohort(work)
   config, codec = _ldm_config(), _pool_codec()
   ldm_stage.run(config, work, codec=codec, log=lambda m: None)
+  # config.public: the standardisation and the age statistics come from the public cohort. Its latents
+  # are half the private ones (a linear codec), so its label means halve and its scales double.
+  meta = json.load(open(os.path.join(work, "ldm", "ldm.json")))
+  assert meta["fit_on"] == "public"
+  norm = LatentNorm.from_meta(meta, os.path.join(work, "ldm"))
+  prepared = cache.load_prepared(work)
+  train = ldm_task.split_attributes(prepared, "train", ())["label"]
+  own = LatentNorm.fit(np.load(os.path.join(work, "ldm", "latents", "train.npy")), norm.mode, labels=train,
+                       num_labels=2)
+  assert norm.mode == "per_label_element"
+  np.testing.assert_allclose(norm.label_shift, 0.5 * own.label_shift, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(norm.scale, 2.0 * own.scale, rtol=1e-5)
+  age = next(a for a in meta["attributes"] if a["name"] == "age")
+  assert age["mean"] == pytest.approx(prepared.split("train")["age"].mean() + 20)
   mia = privacy.ldm_membership_inference(config, work, cache.load_prepared(work), codec=codec, log=lambda m: None)
   assert mia["n_members"] == SPLITS["train"] and mia["n_nonmembers"] == SPLITS["holdout"]
   for attack in ("loss_attack", "pia"):
@@ -74,7 +108,6 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
 
   # The same U-Net trained with DP-SGD through the shared trainer: per-example gradients of the
   # LDM's own loss (condition dropout, random t and noise per example), Poisson batches, dp.json.
-  meta = json.load(open(os.path.join(work, "ldm", "ldm.json")))
   attributes = ldm_task.attributes_from_meta(meta)
   model, schedule = ldm_task.build(meta["ldm"], meta["latent_shape"][-1], 2, attributes)
   task = ldm_task.LDMTask(model, schedule)
@@ -117,6 +150,9 @@ def test_membership_inference_and_dp_sgd_on_the_ldm(tmp_path):
   finally:
     monkey.undo()
   assert state["rejections"]["count"] == 1
+  # the attribute model is the public cohort's (ages 80-109; the private train split's are 60-89)
+  assert state["attributes_fit_on"] == "public"
+  assert pd.read_csv(os.path.join(work, "synthetic", "participants.tsv"), sep="\t")["age"].mean() > 83
   assert [r["participant_id"] for r in state["rejections"]["subjects"]] == ["sub-synth0002"]
   table = pd.read_csv(os.path.join(work, "synthetic", "participants.tsv"), sep="\t")
   first = table["seed"].tolist()

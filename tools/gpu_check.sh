@@ -42,9 +42,9 @@ if [[ "$DRY" == "--dry-run" ]]; then
   FW=jax; python3 -c "import torch, monai" 2>/dev/null && FW=monai,jax
   part bench 300 python3 tools/benchmark_throughput.py --models vqvae --dtypes fp32 --frameworks "$FW" --batch 2 \
     --warmup 0 --steps 1 --rounds 1 --ddim-steps 1 --out "$OUT/bench_b2" --tag b2
-  part steps_2mm 600 python3 tools/real_size_steps.py --config configs/quickstart.py --steps 2 \
+  part steps_2mm 600 python3 tools/real_size_steps.py --config configs/quickstart.py --steps 2 --per-chip-batch 1 \
     --only "tokenizer,ldm" --out "$OUT/steps"
-  part sample_2mm 300 python3 tools/real_size_steps.py --config configs/quickstart.py --steps 2 \
+  part sample_2mm 300 python3 tools/real_size_steps.py --config configs/quickstart.py --steps 2 --per-chip-batch 1 \
     --only "sampler,decoder" --config.sample.steps=2 --out "$OUT/sample_2mm"
 else
   part bench_b2 120 python3 tools/benchmark_throughput.py --batch 2 --out "$OUT/bench_b2" --tag b2

@@ -26,7 +26,7 @@ import numpy as np
 
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.data import loader
+from synthmri_jax.data import loader, public
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.latents import NORM_FILE, LatentCodec, LatentNorm, encode_latents, latent_fields
 from synthmri_jax.models import unet as unet_lib
@@ -62,11 +62,13 @@ def batch_size(config) -> int:
   return b if b > 0 else int(config.data.batch_size)
 
 
-def _model_key(config, codec: LatentCodec, prepared: PreparedCohort) -> str:
+def _model_key(config, workdir: str, codec: LatentCodec, prepared: PreparedCohort) -> str:
   """What the checkpoints depend on (not train.steps: more steps resume the same run)."""
   blk = config_files.plain(config.ldm)
+  fit = load_prepared(public.fit_root(config, workdir)).meta.get("config_hash") if public.enabled(config) else None
   return workdir_lib.fingerprint({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": latent_fields(config)} |
-               {"codec": codec.key, "cohort": prepared.meta.get("config_hash"), "labels": prepared.labels})
+               {"codec": codec.key, "cohort": prepared.meta.get("config_hash"), "labels": prepared.labels} |
+               ({"public": fit} if fit else {}))
 
 
 def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
@@ -86,7 +88,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   prepared = load_prepared(workdir)
   codec = codec if codec is not None else _trained_codec(config, workdir)
   tc = train_config(config)
-  model_key = _model_key(config, codec, prepared)
+  model_key = _model_key(config, workdir, codec, prepared)
   key = workdir_lib.fingerprint({"model": model_key, "train": config_files.plain(tc.train), "batch": batch_size(config),
                "shuffle_seed": int(config.data.shuffle_seed)})
   meta_path = os.path.join(out_dir, META_FILE)
@@ -106,15 +108,25 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   index = encode_latents(config, workdir, prepared, codec, mesh, log=log)
   latent_shape = tuple(index["latent_shape"])
   ldir = workdir_lib.latents_dir(workdir)
-  train_labels = split_attributes(prepared, "train", ())[unet_lib.LABEL]
-  norm = LatentNorm.fit(np.load(os.path.join(ldir, "train.npy"), mmap_mode="r"),
+  # The standardisation and the attributes' statistics: fit on the public reference cohort when
+  # config.public is on (they are released with the model: data/public.py), else on the train split.
+  fit_dir, fit_cohort, fit_index = ldir, prepared, index
+  if public.enabled(config):
+    fit_root = public.fit_root(config, workdir)
+    fit_cohort = load_prepared(fit_root)
+    if "label" in str(config.ldm.latents.get("standardize", "global")):
+      public.check_labels(prepared.labels, fit_cohort)
+    fit_index = encode_latents(config, fit_root, fit_cohort, codec, mesh, log=log)
+    fit_dir = workdir_lib.latents_dir(fit_root)
+  norm = LatentNorm.fit(np.load(os.path.join(fit_dir, "train.npy"), mmap_mode="r"),
                         str(config.ldm.latents.get("standardize", "global")),
-                        float(config.ldm.latents.get("std_floor", 0.1)), labels=train_labels,
+                        float(config.ldm.latents.get("std_floor", 0.1)),
+                        labels=split_attributes(fit_cohort, "train", ())[unet_lib.LABEL],
                         num_labels=len(prepared.labels))
 
   attributes = unet_lib.parse_attributes(config.ldm.cond.attributes)
   train_conds = split_attributes(prepared, "train", attributes)
-  attributes = unet_lib.with_stats(attributes, train_conds)
+  attributes = unet_lib.with_stats(attributes, split_attributes(fit_cohort, "train", attributes))
   model, schedule = build(config.ldm, latent_shape[-1], len(prepared.labels), attributes)
   task = LDMTask(model, schedule, str(config.ldm.diffusion.prediction_type),
                  float(config.ldm.cond.dropout_each), float(config.ldm.cond.dropout_all))
@@ -148,7 +160,8 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
       "complete": True, "key": key, "model_key": model_key, "codec": codec.description,
       "ldm": config_files.plain(config.ldm), "attributes": [dataclasses.asdict(a) for a in attributes],
       "labels": prepared.labels, "latent_shape": list(latent_shape),
-      "scale_factor": float(index["scale_factor"]),
+      "scale_factor": float(fit_index["scale_factor"]),
+      "fit_on": "public" if public.enabled(config) else "train",
       "latent_norm": norm.save(out_dir) if jax.process_index() == 0 else {"mode": norm.mode, "file": NORM_FILE},
       "step": int(jax.device_get(state.step)), "steps_per_s": float(np.median(steady)) if steady else None,
       "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),

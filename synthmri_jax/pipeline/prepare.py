@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from synthmri_jax.utils.errors import UserInputError
-from synthmri_jax.data import cache, cohort, ingest, nifti
+from synthmri_jax.data import cache, cohort, ingest, nifti, public
 from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 from synthmri_jax import workdir as workdir_lib
@@ -95,7 +95,16 @@ def _npy_ok(path: str, shape: tuple[int, ...], dtype: str) -> bool:
 # ------------------------------------------------------------------------------ the stage
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Builds WORKDIR/data (see synthmri_jax.data.cache) and returns prepared.json's content."""
+  """Builds WORKDIR/data (see synthmri_jax.data.cache) and returns prepared.json's content; with
+  config.public enabled, also the public reference cohort's WORKDIR/public/data (data/public.py)."""
+  meta = _prepare(config, workdir)
+  if public.enabled(config):
+    print(f"prepare: the public reference cohort (simulated, public.seed={public.block(config).seed})", flush=True)
+    _prepare(public.data_config(config), public.root(workdir))
+  return meta
+
+
+def _prepare(config, workdir: str) -> dict[str, Any]:
   t_start = time.time()
   d = config.data
   root = workdir_lib.data_dir(workdir)

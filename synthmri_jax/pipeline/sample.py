@@ -36,7 +36,7 @@ import pandas as pd
 
 import synthmri_jax
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.data import nifti
+from synthmri_jax.data import nifti, public
 from synthmri_jax.data.cache import PREPARED_SPACE_KEY, load_prepared
 from synthmri_jax.generation.attributes import SEX_NAMES, plan_subjects
 from synthmri_jax.generation.generator import load_trained
@@ -188,7 +188,8 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     state = {"key": key, "complete": False}
     io.write_json_atomic(state_path, state)
 
-  plan = plan_subjects(config, prepared, g.attributes, g.labels)
+  # the attribute model: fit on the public reference cohort when config.public is on (data/public.py)
+  plan = plan_subjects(config, load_prepared(public.fit_root(config, workdir)), g.attributes, g.labels)
   n = len(plan["seed"])
   channels = prepared.channels
   pids = [_pid(i, n) for i in range(n)]
@@ -241,7 +242,8 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   state = {"key": key, "complete": True, "num_subjects": n, "checkpoint_step": int(g.step),
            "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else g.schedule.num_train_timesteps,
            "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
-           "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()}}
+           "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()},
+           "attributes_fit_on": "public" if public.enabled(config) else "train"}
   _finish(out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
           _dataset_description(config, what, g.codec.description, g.step, prepared.space()), is_main, log)
   return state

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synthmri_jax.data import loader
+from synthmri_jax.data import loader, public
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.latents import LatentCodec
 from synthmri_jax.models.quantizer import code_statistics
@@ -72,6 +72,12 @@ def train_config(config, phase: str) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict()
   out.train = cfg
   return out
+
+
+def training_cohort(config, workdir: str):
+  """The prepared cohort the tokenizer learns from: the public reference cohort when config.public is
+  enabled (the tokenizer then sees no private scan), else WORKDIR's cohort."""
+  return load_prepared(public.fit_root(config, workdir))
 
 
 def _config_key(config, prepared) -> str:
@@ -134,12 +140,11 @@ def evaluate_split(task, params, model_state, source, batch_size: int, mesh) -> 
 
 def train_variant(config, workdir: str, *, log: Callable[[str], None] = print,
                   on_log: Optional[Callable[[str, int, dict], None]] = None) -> dict[str, Any]:
-  """Trains every phase of config.tokenizer on WORKDIR's prepared cohort and evaluates on 'val'.
-
-  Returns the metrics dict (also what `run` writes). Resumes phase checkpoints.
+  """Trains every phase of config.tokenizer on its training cohort (`training_cohort`) and evaluates
+  on that cohort's 'val'. Returns the metrics dict (also what `run` writes). Resumes phase checkpoints.
   """
   tcfg = config.tokenizer
-  prepared = load_prepared(workdir)
+  prepared = training_cohort(config, workdir)
   in_channels = len(prepared.channels)
   train_src = loader.CohortSource(prepared, "train")
   val_src = loader.CohortSource(prepared, "val")
@@ -201,6 +206,9 @@ def _summary(config, prepared, task, state, m, per_phase) -> dict[str, Any]:
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params.get("tokenizer", state.params))))
   out = {
       "variant": str(tcfg.variant), "split": "val", "num_volumes": m["num_volumes"],
+      # what it was trained and evaluated on: the privacy ledger (evaluation/privacy/epsilon.py) reads it
+      "train_data": "public" if public.enabled(config) else "cohort", "train_cohort": prepared.root,
+      "train_cohort_hash": prepared.meta.get("config_hash"),
       "psnr": m["psnr"], "ssim": m["ssim"], "l1": m["l1"], "boundary_band_l1": m["band_l1"],
       "codebooks": m["codebooks"], "phases": per_phase, "tokenizer_params": n_params,
       "volume_shape": list(prepared.shape), "channels": prepared.channels,
@@ -236,7 +244,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                      "tokenizer_config(...) as config.tokenizer")
   workdir = os.path.abspath(workdir)
   path = os.path.join(workdir, "tokenizer", METRICS_FILE)
-  prepared = load_prepared(workdir)
+  prepared = training_cohort(config, workdir)
   key = _config_key(config, prepared)
   done = io.read_json(path)
   if done and done.get("config_hash") == key:

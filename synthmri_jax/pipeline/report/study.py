@@ -271,8 +271,19 @@ def privacy_section(inp: Inputs) -> Section:
   cohort = eps.get("synthetic_cohort") or {}
   if cohort:
     sec.add(f"**Synthetic cohort**: {cohort.get('statement', 'n/a')}")
-    if cohort.get("non_private_releases"):
+    unit = cohort.get("privacy_unit") or {}
+    if unit.get("statement"):
+      sec.add(f"Privacy unit: the {unit.get('record', 'scan')} (DP-SGD's record); {unit['statement']}.")
+    if cohort.get("releases"):
+      sec.add(Table(["release", "fit on", "ε"],
+                    [[r.get("release"), r.get("source"), fmt_g(r.get("epsilon"), 3) if r.get("private") else "∞"]
+                     for r in cohort["releases"]],
+                    "Everything the released cohort (WORKDIR/synthetic) is made from, and what it costs in ε"))
+    elif cohort.get("non_private_releases"):
       sec.add(["Non-private releases: " + r for r in cohort["non_private_releases"]])
+    if cohort.get("not_released"):
+      sec.add(["Not released (computed from private data without DP; keep in WORKDIR): " + r
+               for r in cohort["not_released"]])
   pairs = pv.get("closest_pairs") or []
   shown = set()
   for p in pairs:
