@@ -169,8 +169,9 @@ class LatentNorm:
                  network. The label then acts twice, through the shift and through the network's
                  conditioning; measured on the 2-core CPU, the network alone learned about 7 % of
                  the AD - CN ventricle effect in 600 steps (BENCHMARKS.md), the shift carries it
-                 from step 0. The label means are statistics of the private training split (the
-                 privacy report lists them as a non-private release).
+                 from step 0. The label means are statistics of the training split (a release of
+                 private data, listed by the privacy ledger) unless config.public fits them on the
+                 public reference cohort (data/public.py).
   """
   mode: str
   shift: np.ndarray

@@ -14,7 +14,8 @@ co-generated with the image by the diffusion model. Why:
   cross-attention tokens (models/unet.py), so e.g. ventricle size follows the sampled age (tested);
 - per-attribute null tokens still let the image model leave any attribute unspecified.
 Privacy note: a KDE sample is a training subject's age plus Gaussian noise of the Scott
-bandwidth; sample.age_model='gaussian' uses only each label's mean and std.
+bandwidth; sample.age_model='gaussian' uses only each label's mean and std. Either is a release of
+private data unless config.public fits the model on the public reference cohort (data/public.py).
 """
 
 from __future__ import annotations

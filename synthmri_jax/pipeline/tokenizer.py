@@ -1,4 +1,5 @@
-"""The `tokenizer` stage: train config.tokenizer.variant on the prepared cohort, evaluate on 'val'.
+"""The `tokenizer` stage: train config.tokenizer.variant on the prepared cohort (or, with config.public,
+on the public reference cohort: data/public.py), evaluate on that cohort's 'val'.
 
     python -m synthmri_jax.main --config configs/quickstart.py --workdir W --config.stages=tokenizer
 
