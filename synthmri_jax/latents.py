@@ -171,7 +171,7 @@ class LatentNorm:
                  the AD - CN ventricle effect in 600 steps (BENCHMARKS.md), the shift carries it
                  from step 0. The label means are statistics of the training split (a release of
                  private data, listed by the privacy ledger) unless config.public fits them on the
-                 public reference cohort (data/public.py).
+                 public reference cohort (config_blocks/public.py).
   """
   mode: str
   shift: np.ndarray

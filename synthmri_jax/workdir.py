@@ -62,6 +62,11 @@ def stage_output(workdir: str, stage: str) -> str | None:
           "sample": _abs(workdir, SYNTHETIC_STATE_FILE)}.get(stage)
 
 
+def public_dir(workdir: str) -> str:
+  """The public reference cohort's own workdir (config_blocks/public.py): data/, embedded/, ldm/latents/."""
+  return _abs(workdir, "public")
+
+
 def tokenizer_dir(workdir: str) -> str:
   return _abs(workdir, "tokenizer")
 

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthmri_jax.data import cache, public
+from synthmri_jax import workdir as workdir_lib
+from synthmri_jax.data import cache
 from synthmri_jax.evaluation import privacy
 from synthmri_jax.config_blocks.privacy import dp_config
 from synthmri_jax.training import trainer
@@ -42,7 +43,7 @@ def _pool_codec():
 def _public_cohort(work):
   """WORKDIR/public: the private cohort's scans at half the intensity and 20 years older, so that
   anything fit on it is told apart from the same fit on the private cohort in closed form."""
-  root = public.root(work)
+  root = workdir_lib.public_dir(work)
   _cohort(root)
   prepared = cache.load_prepared(root)
   for rel in prepared.table["image"]:

@@ -9,7 +9,8 @@ import pytest
 
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.config_blocks.privacy import dp_config
-from synthmri_jax.data import loader, public
+from synthmri_jax.config_blocks import public
+from synthmri_jax.data import loader
 from synthmri_jax.evaluation.privacy import epsilon as ledger
 from synthmri_jax.training import dp_sgd, optim
 from synthmri_jax.utils import io

@@ -15,7 +15,7 @@ co-generated with the image by the diffusion model. Why:
 - per-attribute null tokens still let the image model leave any attribute unspecified.
 Privacy note: a KDE sample is a training subject's age plus Gaussian noise of the Scott
 bandwidth; sample.age_model='gaussian' uses only each label's mean and std. Either is a release of
-private data unless config.public fits the model on the public reference cohort (data/public.py).
+private data unless config.public fits the model on the public reference cohort (config_blocks/public.py).
 """
 
 from __future__ import annotations

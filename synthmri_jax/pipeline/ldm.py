@@ -26,7 +26,8 @@ import numpy as np
 
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.data import loader, public
+from synthmri_jax.config_blocks import public
+from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.latents import NORM_FILE, LatentCodec, LatentNorm, encode_latents, latent_fields
 from synthmri_jax.models import unet as unet_lib
@@ -109,7 +110,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   latent_shape = tuple(index["latent_shape"])
   ldir = workdir_lib.latents_dir(workdir)
   # The standardisation and the attributes' statistics: fit on the public reference cohort when
-  # config.public is on (they are released with the model: data/public.py), else on the train split.
+  # config.public is on (they are released with the model: config_blocks/public.py), else on the train split.
   fit_dir, fit_cohort, fit_index = ldir, prepared, index
   if public.enabled(config):
     fit_root = public.fit_root(config, workdir)

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from synthmri_jax.utils.errors import UserInputError
-from synthmri_jax.data import cache, cohort, ingest, nifti, public
+from synthmri_jax.config_blocks import public
+from synthmri_jax.data import cache, cohort, ingest, nifti
 from synthmri_jax.utils import durations
 from synthmri_jax.utils import io
 from synthmri_jax import workdir as workdir_lib
@@ -96,11 +97,11 @@ def _npy_ok(path: str, shape: tuple[int, ...], dtype: str) -> bool:
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Builds WORKDIR/data (see synthmri_jax.data.cache) and returns prepared.json's content; with
-  config.public enabled, also the public reference cohort's WORKDIR/public/data (data/public.py)."""
+  config.public enabled, also the public reference cohort's WORKDIR/public/data (config_blocks/public.py)."""
   meta = _prepare(config, workdir)
   if public.enabled(config):
     print(f"prepare: the public reference cohort (simulated, public.seed={public.block(config).seed})", flush=True)
-    _prepare(public.data_config(config), public.root(workdir))
+    _prepare(public.data_config(config), workdir_lib.public_dir(workdir))
   return meta
 
 

@@ -36,7 +36,8 @@ import pandas as pd
 
 import synthmri_jax
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.data import nifti, public
+from synthmri_jax.config_blocks import public
+from synthmri_jax.data import nifti
 from synthmri_jax.data.cache import PREPARED_SPACE_KEY, load_prepared
 from synthmri_jax.generation.attributes import SEX_NAMES, plan_subjects
 from synthmri_jax.generation.generator import load_trained
@@ -188,7 +189,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     state = {"key": key, "complete": False}
     io.write_json_atomic(state_path, state)
 
-  # the attribute model: fit on the public reference cohort when config.public is on (data/public.py)
+  # the attribute model: fit on the public reference cohort when config.public is on (config_blocks/public.py)
   plan = plan_subjects(config, load_prepared(public.fit_root(config, workdir)), g.attributes, g.labels)
   n = len(plan["seed"])
   channels = prepared.channels

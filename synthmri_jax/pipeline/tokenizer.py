@@ -1,5 +1,5 @@
 """The `tokenizer` stage: train config.tokenizer.variant on the prepared cohort (or, with config.public,
-on the public reference cohort: data/public.py), evaluate on that cohort's 'val'.
+on the public reference cohort: config_blocks/public.py), evaluate on that cohort's 'val'.
 
     python -m synthmri_jax.main --config configs/quickstart.py --workdir W --config.stages=tokenizer
 
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synthmri_jax.data import loader, public
+from synthmri_jax.config_blocks import public
+from synthmri_jax.data import loader
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.latents import LatentCodec
 from synthmri_jax.models.quantizer import code_statistics

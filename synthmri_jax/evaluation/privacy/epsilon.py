@@ -4,7 +4,7 @@ The released cohort (WORKDIR/synthetic: images and participants.tsv) is a functi
 weights and of what the pipeline fit around them: the tokenizer that decodes the latents, the latent
 standardisation, the conditioning's attribute statistics, the attribute model the subjects are drawn
 from, and (sample.reject_copies) a filter against the private training scans. Each of these is a
-release: DP-SGD (its dp.json), fit on the public reference cohort (data/public.py: no private record,
+release: DP-SGD (its dp.json), fit on the public reference cohort (config_blocks/public.py: no private record,
 ε = 0), or fit on private data without a mechanism (ε = ∞). The cohort's ε is their basic composition,
 finite only when none is of the last kind.
 

@@ -261,7 +261,24 @@ def privacy_section(inp: Inputs) -> Section:
                   f"Membership inference on the LDM: {mia.get('n_members')} members (training latents) vs "
                   f"{mia.get('n_nonmembers')} non-members (`{mia.get('nonmember_split')}`); AUC 0.5 = no leakage"
                   + note))
-  eps = pv.get("epsilon") or {}
+  _ledger(sec, pv.get("epsilon") or {})
+  pairs = pv.get("closest_pairs") or []
+  shown = set()
+  for p in pairs:
+    path = os.path.join(inp.workdir, p.get("figure", ""))
+    if p.get("figure") and os.path.isfile(path):
+      shown.add(os.path.abspath(path))
+      sec.add(Image(path, f"{p.get('participant_id')} vs nearest training scan {p.get('train_participant_id')}: "
+                          f"embedding r = {fmt(p.get('embedding_score'), 3)}, voxel s = {fmt(p.get('voxel_score'), 3)}"
+                          + (" (COPY)" if p.get("is_copy") else "")))
+  for path in sorted(glob.glob(os.path.join(inp.workdir, "evaluation", "figures", "privacy_pair_*.png"))):
+    if os.path.abspath(path) not in shown and not pairs:
+      sec.add(Image(path, f"closest pair {os.path.basename(path)}"))
+  return sec
+
+
+def _ledger(sec, eps: dict) -> None:
+  """ε per trained model, then the released cohort's ε, privacy unit and releases (privacy/epsilon.py)."""
   models = eps.get("models") or []
   if models:
     sec.add(Table(["model", "saw private data", "ε", "statement"],
@@ -284,16 +301,4 @@ def privacy_section(inp: Inputs) -> Section:
     if cohort.get("not_released"):
       sec.add(["Not released (computed from private data without DP; keep in WORKDIR): " + r
                for r in cohort["not_released"]])
-  pairs = pv.get("closest_pairs") or []
-  shown = set()
-  for p in pairs:
-    path = os.path.join(inp.workdir, p.get("figure", ""))
-    if p.get("figure") and os.path.isfile(path):
-      shown.add(os.path.abspath(path))
-      sec.add(Image(path, f"{p.get('participant_id')} vs nearest training scan {p.get('train_participant_id')}: "
-                          f"embedding r = {fmt(p.get('embedding_score'), 3)}, voxel s = {fmt(p.get('voxel_score'), 3)}"
-                          + (" (COPY)" if p.get("is_copy") else "")))
-  for path in sorted(glob.glob(os.path.join(inp.workdir, "evaluation", "figures", "privacy_pair_*.png"))):
-    if os.path.abspath(path) not in shown and not pairs:
-      sec.add(Image(path, f"closest pair {os.path.basename(path)}"))
-  return sec
+
