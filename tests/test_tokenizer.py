@@ -1,4 +1,5 @@
-"""Tokenizers (VQ-VAE, VQGAN, dual-codebook), their losses, perceptual net, phased training and the tokenizer stage.
+"""Tokenizers (VQ-VAE, VQGAN, dual-codebook), their losses and perceptual net (phased training and the
+stage: test_tokenizer_phases.py; the GAN terms: test_tokenizer_gan.py).
 
 Tiny 16^3 volumes; compiled steps are shared through module-scoped fixtures because compiles
 dominate on a 2-core CPU.
@@ -217,44 +218,6 @@ def test_continuous_patch_autoencoder_learns_and_has_no_codebook(volumes):
                                                                               batch)), atol=1e-5)
   with pytest.raises(ValueError, match="patch_size"):
     task.model.apply(variables, jnp.zeros((1, 18, 16, 16, 1)), method=task.model.encode_generative)
-
-
-# ------------------------------------------------------------------------------ GAN
-
-
-@pytest.fixture(scope="module")
-def vqgan(volumes):
-  task = T.VQGANTask(tiny_config("vqgan"), 1)
-  params, ms = jax.jit(task.init)(jax.random.key(0), volumes)
-  return task, unbox(params), unbox(ms)
-
-
-def tree_norm(t):
-  return float(jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(t))))
-
-
-def test_gan_terms_route_gradients(vqgan, volumes):
-  task, params, ms = vqgan
-  x = jnp.asarray(volumes["image"])
-
-  def term(p, name):
-    out = task.model.apply({"params": p["tokenizer"], "vq_stats": ms["vq_stats"]}, x)
-    return task.gan_terms(p, ms, x, out["x_hat"], out["features"], task.band(volumes))[name]
-
-  g_hinge, g_adv = jax.jit(lambda p: (jax.grad(term)(p, "hinge"), jax.grad(term)(p, "g_adv")))(params)
-  assert tree_norm(g_hinge["tokenizer"]) == 0.0 and tree_norm(g_hinge["discriminator"]) > 0
-  assert tree_norm(g_adv["discriminator"]) == 0.0 and tree_norm(g_adv["tokenizer"]) > 0
-
-
-def test_gan_delayed_start_and_adaptive_weight(vqgan, volumes):
-  task, params, ms = vqgan
-  loss = jax.jit(jax.grad(task.loss, has_aux=True))
-  for step, active in ((0, False), (task.gcfg.start_step, True)):
-    g, (m, _) = loss(params, ms, volumes, jax.random.key(1), jnp.int32(step))
-    assert (tree_norm(g["discriminator"]) > 0) == active
-    assert float(m["gan_active"]) == float(active)
-    lam = float(m["gan_adaptive_weight"])
-    assert (lam > 0 and np.isfinite(lam)) if active else lam == 0.0
 
 
 # ------------------------------------------------------------------------------ losses and metrics
