@@ -30,10 +30,10 @@ def _workdir(root, *, tokenizer_public=True, norm_public=True, attributes_public
   dp = dp_sgd.dp_record_for_steps(rec, sampling, 50)
   dp_sgd.write_dp_record(os.path.join(w, "ldm"), dict(dp, complete=True))
   io.write_json_atomic(os.path.join(w, "tokenizer", workdir_lib.TOKENIZER_METRICS_FILE),
-                       {"train_data": "public" if tokenizer_public else "cohort"})
-  io.write_json_atomic(os.path.join(w, "ldm", workdir_lib.LDM_META_FILE), {"fit_on": "public" if norm_public else "train"})
+                       {"fit_on": "public" if tokenizer_public else "cohort"})
+  io.write_json_atomic(os.path.join(w, "ldm", workdir_lib.LDM_META_FILE), {"fit_on": "public" if norm_public else "cohort"})
   io.write_json_atomic(os.path.join(w, workdir_lib.SYNTHETIC_STATE_FILE),
-                       {"attributes_fit_on": "public" if attributes_public else "train", "reject_copies": reject})
+                       {"attributes_fit_on": "public" if attributes_public else "cohort", "reject_copies": reject})
   rows = ["participant_id\tsession_id\tsplit"] + [f"sub-{i}\tses-{j}\ttrain" for i, k in enumerate(sessions)
                                                   for j in range(k)] + ["sub-x\tses-0\ttest", "sub-x\tses-1\ttest"]
   os.makedirs(workdir_lib.data_dir(w))
@@ -89,11 +89,11 @@ def test_public_cohort_is_the_simulator_with_its_own_seed():
   assert (d.data.embedded.seed, d.data.embedded.num_subjects, d.data.embedded.vary_storage) == (7, 50, False)
   assert dict(d.data.split_fractions) == dict(train=0.8, val=0.2, test=0.0, holdout=0.0)
   assert c.data.embedded.seed == 0 and c.data.on_bad_file == "skip"        # the run's own config is untouched
-  assert public.fit_root(c, "/w") == os.path.join("/w", "public")
+  assert public.enabled(c)
   c.public.seed = 0
   with pytest.raises(UserInputError, match="equals data.embedded.seed"):
     public.data_config(c)
   c.public.enabled = False
-  assert public.fit_root(c, "/w") == "/w"
+  assert not public.enabled(c)
   with pytest.raises(ValueError, match="unknown config field public.sed"):
     public.enabled(ml_collections.ConfigDict(dict(public=dict(sed=1))))

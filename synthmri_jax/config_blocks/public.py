@@ -23,11 +23,9 @@ Attach in a config file (a config without `public` gets these defaults: off):
 from __future__ import annotations
 
 import copy
-import os
 
 import ml_collections
 
-from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.utils.errors import UserInputError
 
 
@@ -47,14 +45,9 @@ def block(config) -> ml_collections.ConfigDict:
   from synthmri_jax.config_blocks.evaluate import block as config_block
   return config_block(config, "public", public_config)
 
+
 def enabled(config) -> bool:
   return bool(block(config).enabled)
-
-
-def fit_root(config, workdir: str) -> str:
-  """Where the tokenizer, the latent standardisation and the attribute statistics are fit:
-  the public cohort's workdir when config.public is enabled, else WORKDIR itself."""
-  return workdir_lib.public_dir(workdir) if enabled(config) else os.path.abspath(workdir)
 
 
 def data_config(config) -> ml_collections.ConfigDict:

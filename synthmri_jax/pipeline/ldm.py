@@ -28,6 +28,7 @@ from synthmri_jax import sharding as mesh_lib
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.config_blocks import public
 from synthmri_jax.data import loader
+from synthmri_jax.pipeline import prepare as prepare_stage
 from synthmri_jax.data.cache import PreparedCohort, load_prepared
 from synthmri_jax.latents import NORM_FILE, LatentCodec, LatentNorm, encode_latents, latent_fields
 from synthmri_jax.models import unet as unet_lib
@@ -63,10 +64,10 @@ def batch_size(config) -> int:
   return b if b > 0 else int(config.data.batch_size)
 
 
-def _model_key(config, workdir: str, codec: LatentCodec, prepared: PreparedCohort) -> str:
+def _model_key(config, codec: LatentCodec, prepared: PreparedCohort, fit_cohort: PreparedCohort) -> str:
   """What the checkpoints depend on (not train.steps: more steps resume the same run)."""
   blk = config_files.plain(config.ldm)
-  fit = load_prepared(public.fit_root(config, workdir)).meta.get("config_hash") if public.enabled(config) else None
+  fit = fit_cohort.meta.get("config_hash") if fit_cohort is not prepared else None
   return workdir_lib.fingerprint({k: blk.get(k) for k in ("model", "cond", "diffusion")} | {"latents": latent_fields(config)} |
                {"codec": codec.key, "cohort": prepared.meta.get("config_hash"), "labels": prepared.labels} |
                ({"public": fit} if fit else {}))
@@ -89,7 +90,8 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   prepared = load_prepared(workdir)
   codec = codec if codec is not None else _trained_codec(config, workdir)
   tc = train_config(config)
-  model_key = _model_key(config, workdir, codec, prepared)
+  fit_cohort = prepare_stage.fit_cohort(config, workdir, prepared)
+  model_key = _model_key(config, codec, prepared, fit_cohort)
   key = workdir_lib.fingerprint({"model": model_key, "train": config_files.plain(tc.train), "batch": batch_size(config),
                "shuffle_seed": int(config.data.shuffle_seed)})
   meta_path = os.path.join(out_dir, META_FILE)
@@ -111,11 +113,10 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   ldir = workdir_lib.latents_dir(workdir)
   # The standardisation and the attributes' statistics: fit on the public reference cohort when
   # config.public is on (they are released with the model: config_blocks/public.py), else on the train split.
-  fit_dir, fit_cohort, fit_index = ldir, prepared, index
-  if public.enabled(config):
-    fit_root = public.fit_root(config, workdir)
-    fit_cohort = load_prepared(fit_root)
-    if "label" in str(config.ldm.latents.get("standardize", "global")):
+  fit_dir, fit_index = ldir, index
+  if fit_cohort is not prepared:
+    fit_root = os.path.dirname(fit_cohort.root)   # the public cohort's workdir (its data/ is fit_cohort.root)
+    if str(config.ldm.latents.get("standardize", "global")) == "per_label_element":
       public.check_labels(prepared.labels, fit_cohort)
     fit_index = encode_latents(config, fit_root, fit_cohort, codec, mesh, log=log)
     fit_dir = workdir_lib.latents_dir(fit_root)
@@ -162,7 +163,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
       "ldm": config_files.plain(config.ldm), "attributes": [dataclasses.asdict(a) for a in attributes],
       "labels": prepared.labels, "latent_shape": list(latent_shape),
       "scale_factor": float(fit_index["scale_factor"]),
-      "fit_on": "public" if public.enabled(config) else "train",
+      "fit_on": prepare_stage.fit_on(config),
       "latent_norm": norm.save(out_dir) if jax.process_index() == 0 else {"mode": norm.mode, "file": NORM_FILE},
       "step": int(jax.device_get(state.step)), "steps_per_s": float(np.median(steady)) if steady else None,
       "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),

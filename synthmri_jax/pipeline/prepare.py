@@ -105,6 +105,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   return meta
 
 
+def fit_cohort(config, workdir: str, prepared: cache.PreparedCohort | None = None) -> cache.PreparedCohort:
+  """The prepared cohort the tokenizer, the latent standardisation and the attribute statistics are fit
+  on: the public reference cohort when config.public is enabled, else WORKDIR's (`prepared`, if given)."""
+  if public.enabled(config):
+    return cache.load_prepared(workdir_lib.public_dir(workdir))
+  return prepared if prepared is not None else cache.load_prepared(workdir)
+
+
+def fit_on(config) -> str:
+  """What `fit_cohort` is, as the stages record it for the privacy ledger: 'public' or 'cohort'."""
+  return "public" if public.enabled(config) else "cohort"
+
+
 def _prepare(config, workdir: str) -> dict[str, Any]:
   t_start = time.time()
   d = config.data

@@ -36,9 +36,9 @@ import pandas as pd
 
 import synthmri_jax
 from synthmri_jax import workdir as workdir_lib
-from synthmri_jax.config_blocks import public
 from synthmri_jax.data import nifti
 from synthmri_jax.data.cache import PREPARED_SPACE_KEY, load_prepared
+from synthmri_jax.pipeline import prepare as prepare_stage
 from synthmri_jax.generation.attributes import SEX_NAMES, plan_subjects
 from synthmri_jax.generation.generator import load_trained
 from synthmri_jax.latents import LatentCodec
@@ -190,7 +190,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     io.write_json_atomic(state_path, state)
 
   # the attribute model: fit on the public reference cohort when config.public is on (config_blocks/public.py)
-  plan = plan_subjects(config, load_prepared(public.fit_root(config, workdir)), g.attributes, g.labels)
+  plan = plan_subjects(config, prepare_stage.fit_cohort(config, workdir, prepared), g.attributes, g.labels)
   n = len(plan["seed"])
   channels = prepared.channels
   pids = [_pid(i, n) for i in range(n)]
@@ -244,7 +244,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
            "sampler": str(s.sampler), "steps": int(s.steps) if s.sampler == "ddim" else g.schedule.num_train_timesteps,
            "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
            "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()},
-           "attributes_fit_on": "public" if public.enabled(config) else "train"}
+           "attributes_fit_on": prepare_stage.fit_on(config)}
   _finish(out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
           _dataset_description(config, what, g.codec.description, g.step, prepared.space()), is_main, log)
   return state

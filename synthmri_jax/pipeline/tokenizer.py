@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synthmri_jax.config_blocks import public
 from synthmri_jax.data import loader
+from synthmri_jax.pipeline import prepare as prepare_stage
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.latents import LatentCodec
 from synthmri_jax.models.quantizer import code_statistics
@@ -74,12 +74,6 @@ def train_config(config, phase: str) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict()
   out.train = cfg
   return out
-
-
-def training_cohort(config, workdir: str):
-  """The prepared cohort the tokenizer learns from: the public reference cohort when config.public is
-  enabled (the tokenizer then sees no private scan), else WORKDIR's cohort."""
-  return load_prepared(public.fit_root(config, workdir))
 
 
 def _config_key(config, prepared) -> str:
@@ -142,11 +136,11 @@ def evaluate_split(task, params, model_state, source, batch_size: int, mesh) -> 
 
 def train_variant(config, workdir: str, *, log: Callable[[str], None] = print,
                   on_log: Optional[Callable[[str, int, dict], None]] = None) -> dict[str, Any]:
-  """Trains every phase of config.tokenizer on its training cohort (`training_cohort`) and evaluates
+  """Trains every phase of config.tokenizer on its training cohort (`prepare.fit_cohort`) and evaluates
   on that cohort's 'val'. Returns the metrics dict (also what `run` writes). Resumes phase checkpoints.
   """
   tcfg = config.tokenizer
-  prepared = training_cohort(config, workdir)
+  prepared = prepare_stage.fit_cohort(config, workdir)
   in_channels = len(prepared.channels)
   train_src = loader.CohortSource(prepared, "train")
   val_src = loader.CohortSource(prepared, "val")
@@ -209,7 +203,7 @@ def _summary(config, prepared, task, state, m, per_phase) -> dict[str, Any]:
   out = {
       "variant": str(tcfg.variant), "split": "val", "num_volumes": m["num_volumes"],
       # what it was trained and evaluated on: the privacy ledger (evaluation/privacy/epsilon.py) reads it
-      "train_data": "public" if public.enabled(config) else "cohort", "train_cohort": prepared.root,
+      "fit_on": prepare_stage.fit_on(config), "train_cohort": prepared.root,
       "train_cohort_hash": prepared.meta.get("config_hash"),
       "psnr": m["psnr"], "ssim": m["ssim"], "l1": m["l1"], "boundary_band_l1": m["band_l1"],
       "codebooks": m["codebooks"], "phases": per_phase, "tokenizer_params": n_params,
@@ -246,7 +240,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                      "tokenizer_config(...) as config.tokenizer")
   workdir = os.path.abspath(workdir)
   path = os.path.join(workdir, "tokenizer", METRICS_FILE)
-  prepared = training_cohort(config, workdir)
+  prepared = prepare_stage.fit_cohort(config, workdir)
   key = _config_key(config, prepared)
   done = io.read_json(path)
   if done and done.get("config_hash") == key:

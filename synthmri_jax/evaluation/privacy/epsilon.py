@@ -131,7 +131,7 @@ def models_epsilon(workdir: str) -> dict[str, Any]:
   tok_runs = _run_dirs(tok_root) if os.path.isdir(tok_root) else []
   if tok_runs:
     tok_meta = io.read_json(os.path.join(tok_root, workdir_lib.TOKENIZER_METRICS_FILE)) or {}
-    models.append(_dp_entry("tokenizer", tok_root, tok_meta.get("train_data") != "public", [read(d) for d in tok_runs],
+    models.append(_dp_entry("tokenizer", tok_root, tok_meta.get("fit_on") != "public", [read(d) for d in tok_runs],
                             statement="trained on the public reference cohort only (no private scan): ε = 0"))
   ldm_root = workdir_lib.ldm_dir(workdir)
   if os.path.isdir(os.path.join(ldm_root, "checkpoints")):
