@@ -70,7 +70,8 @@ def simulated():
   labels = embedded.cohort_labels(spec)
   vols, affine = [], None
   for i, lab in enumerate(labels):
-    img, _, affine = embedded.simulate_subject(spec, embedded.draw_subject(spec, i, lab))
+    images, _, affine = embedded.simulate_subject(spec, embedded.draw_subject(spec, i, lab))
+    img = images["T1w"]
     vols.append(img / np.percentile(img[img > 0], 99.5))
   return np.stack(vols)[..., None].astype(np.float32), np.asarray(labels), affine
 

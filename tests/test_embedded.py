@@ -1,5 +1,6 @@
 """The embedded cohort: simulated effects measured from the written NIfTI files, determinism,
-idempotence and resume, clean storage, and lesion masks that sit on the lesions."""
+idempotence and resume, clean storage, lesion masks that sit on the lesions, and T1w / T2w / FLAIR
+sequences of one anatomy with their tissue contrasts."""
 
 import filecmp
 import os
@@ -8,11 +9,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 from scipy import stats
 
 from synthmri_jax.data import embedded, mni_template, rois
 
 N = 16
+SEQUENCES = ("T1w", "T2w", "FLAIR")
 BASE = dict(num_subjects=N, spacing_mm=4.0, ad_fraction=0.5, ad_effect=1.0, age_range=(55.0, 90.0),
             lesions=False, seed=0)
 
@@ -40,6 +43,9 @@ def cohorts(tmp_path_factory):
                     ("lesions", _cfg(num_subjects=6, lesions=True, lesion_fraction=0.7))]:
     dirs[name] = str(root / name)
     embedded.build_embedded_cohort(cfg, dirs[name])
+  dirs["sequences"] = str(root / "sequences")
+  embedded.build_embedded_cohort(_cfg(num_subjects=6, lesions=True, lesion_fraction=0.7), dirs["sequences"],
+                                 sequences=SEQUENCES)
   dirs["measured"] = {k: _measure(dirs[k]) for k in ("ad1", "ad0", "ad2")}
   return dirs
 
@@ -75,8 +81,8 @@ def test_files_clean_and_varied_storage(cohorts):
 
 def test_ad_effect_zero_removes_label_dependence(cohorts):
   spec = embedded.CohortSpec.of(_cfg(ad_effect=0.0))
-  as_ad, _, _ = embedded.simulate_subject(spec, embedded.draw_subject(spec, 3, "AD"))
-  as_cn, _, _ = embedded.simulate_subject(spec, embedded.draw_subject(spec, 3, "CN"))
+  as_ad = embedded.simulate_subject(spec, embedded.draw_subject(spec, 3, "AD"))[0]["T1w"]
+  as_cn = embedded.simulate_subject(spec, embedded.draw_subject(spec, 3, "CN"))[0]["T1w"]
   np.testing.assert_array_equal(as_ad, as_cn)
   # Same seed: CN subjects are identical whatever ad_effect is; only AD subjects change.
   t = pd.read_csv(os.path.join(cohorts["ad1"], "participants.tsv"), sep="\t")
@@ -135,8 +141,8 @@ def test_deterministic(cohorts):
 
 def test_subject_independent_of_cohort_size():
   small, large = embedded.CohortSpec.of(_cfg(num_subjects=4)), embedded.CohortSpec.of(_cfg(num_subjects=40))
-  a = embedded.simulate_subject(small, embedded.draw_subject(small, 2, "CN"))[0]
-  b = embedded.simulate_subject(large, embedded.draw_subject(large, 2, "CN"))[0]
+  a = embedded.simulate_subject(small, embedded.draw_subject(small, 2, "CN"))[0]["T1w"]
+  b = embedded.simulate_subject(large, embedded.draw_subject(large, 2, "CN"))[0]["T1w"]
   np.testing.assert_array_equal(a, b)
 
 
@@ -203,3 +209,62 @@ def test_lesion_masks_sit_on_hyperintense_lesions(cohorts):
     assert (mask[bright] > 0).mean() > 0.8                   # bright voxels are lesion voxels
     assert bright[mask > 0].mean() > 0.05                    # and the lesion has a bright rim
   assert 0 < with_lesion < len(t)                           # lesion_fraction=0.7: some, not all
+
+
+def test_sequences_share_one_anatomy_and_leave_t1w_as_it_was(cohorts):
+  """Adding T2w and FLAIR changes no T1w file or mask, and every sequence has the same brain."""
+  root, t1_only = cohorts["sequences"], cohorts["lesions"]
+  t = pd.read_csv(os.path.join(root, "participants.tsv"), sep="\t")
+  assert list(t.columns) == ["participant_id", "path_T1w", "path_T2w", "path_FLAIR", "label", "age", "sex",
+                             "mask_path"]
+  single = pd.read_csv(os.path.join(t1_only, "participants.tsv"), sep="\t")
+  for row, ref in zip(t.itertuples(), single.itertuples()):
+    assert filecmp.cmp(os.path.join(root, row.path_T1w), os.path.join(t1_only, ref.path), shallow=False)
+    assert filecmp.cmp(os.path.join(root, row.mask_path), os.path.join(t1_only, ref.mask_path), shallow=False)
+    images = [_read(root, getattr(row, f"path_{q}")) for q in SEQUENCES]
+    for image, affine in images[1:]:
+      np.testing.assert_allclose(affine, images[0][1])
+      np.testing.assert_array_equal(image > 0, images[0][0] > 0)      # one brain, one grid
+
+
+def test_sequence_contrast_orders_tissues_as_mr_does(cohorts):
+  """CSF dark in T1w, bright in T2w, suppressed in FLAIR; GM above WM in T2w and FLAIR; lesions
+  bright in T2w and FLAIR. Voxels are classed by the subject's own T1w (over its white-matter
+  level, away from the brain's edge and any lesion): CSF < 0.45, GM 0.68-0.82, WM > 0.95. A
+  sequence's level in a class is its median ratio to T1w at the same voxels (gain and bias field
+  cancel), so a sequence drawn with T1w's contrast would give 1 everywhere."""
+  root = cohorts["sequences"]
+  t = pd.read_csv(os.path.join(root, "participants.tsv"), sep="\t")
+  level = {q: {"CSF": [], "GM": [], "WM": []} for q in SEQUENCES}
+  lesion = {q: [] for q in SEQUENCES}
+  for row in t.itertuples():
+    (t1, affine), mask = _read(root, row.path_T1w), _read(root, row.mask_path)[0] > 0
+    wm_level = rois.measure_rois(t1, affine)["white_matter_level"]
+    inner = ndi.binary_erosion(t1 > 0, iterations=2) & ~ndi.binary_dilation(mask, iterations=3)
+    classes = {"CSF": inner & (t1 < 0.45 * wm_level), "GM": inner & (t1 > 0.68 * wm_level) & (t1 < 0.82 * wm_level),
+               "WM": inner & (t1 > 0.95 * wm_level)}
+    for q in SEQUENCES:
+      image = _read(root, getattr(row, f"path_{q}"))[0]
+      for name, where in classes.items():
+        level[q][name].append(np.median(image[where] / t1[where]))
+      if mask.any():    # the whole tumour's median against the subject's white matter
+        lesion[q].append(np.median(image[mask]) / np.median(image[classes["WM"]]))
+  level = {q: {k: float(np.mean(v)) for k, v in d.items()} for q, d in level.items()}
+  assert all(v == pytest.approx(1.0) for v in level["T1w"].values()), level
+  t2, flair = level["T2w"], level["FLAIR"]
+  assert t2["WM"] < t2["GM"] < t2["CSF"] and t2["CSF"] > 4 * t2["WM"], level   # CSF bright in T2w
+  assert flair["CSF"] < flair["WM"] < flair["GM"], level                       # CSF suppressed in FLAIR
+  assert flair["GM"] > 1.3 * flair["WM"] and flair["CSF"] < 0.85 * flair["WM"] < 0.3 * t2["CSF"], level
+  assert len(lesion["T2w"]) >= 2 and min(lesion["T2w"]) > 1.4 and min(lesion["FLAIR"]) > 1.2, lesion
+
+
+def test_a_sequence_does_not_depend_on_the_others():
+  """FLAIR alone equals the FLAIR of a T1w + T2w + FLAIR cohort: its noise stream is its own."""
+  cfg = _cfg(num_subjects=3, lesions=True)
+  alone, full = embedded.CohortSpec.of(cfg, ("FLAIR",)), embedded.CohortSpec.of(cfg, SEQUENCES)
+  a = embedded.simulate_subject(alone, embedded.draw_subject(alone, 1, "CN"))[0]
+  b = embedded.simulate_subject(full, embedded.draw_subject(full, 1, "CN"))[0]
+  assert list(a) == ["FLAIR"] and list(b) == list(SEQUENCES)
+  np.testing.assert_array_equal(a["FLAIR"], b["FLAIR"])
+  with pytest.raises(ValueError, match="PD.*FLAIR.*T1w.*T2w"):
+    embedded.CohortSpec.of(cfg, ("T1w", "PD"))

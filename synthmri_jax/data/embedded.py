@@ -1,4 +1,4 @@
-"""The embedded default cohort: a simulated, labelled T1w cohort built from real anatomy.
+"""The embedded default cohort: a simulated, labelled T1w (optionally + T2w, FLAIR) cohort built from real anatomy.
 
 Why it exists: the pipeline must run end to end with no private data, and its utility and
 privacy numbers only mean something if the label is carried by anatomy that a classifier has to
@@ -27,13 +27,21 @@ The simulation (template space is MNI mm; `decades = (age - 50) / 10`; `ad` is 1
               enhancing rim, mildly hyperintense oedema halo and a mass effect. The mask (uint8,
               1 = lesion) is the whole tumour (core + rim + oedema, like BraTS "WT"); subjects
               without a lesion get an all-zero mask so every row has a mask_path.
+  sequences   (data.sequences, any of T1w, T2w, FLAIR) every sequence of a subject is drawn from the
+              same anatomy after every change above (geometry, ventricles, grey-matter loss,
+              hippocampi): the T1 intensity of a voxel is a tissue mix, and SEQUENCE_CONTRAST maps it
+              piecewise-linearly through the sequence's background / CSF / GM / WM levels (CSF dark in
+              T1w, bright in T2w, suppressed in FLAIR; GM brighter than WM in T2w and FLAIR). Lesions
+              are then drawn per sequence with its own core / rim / oedema levels (LESION_CONTRAST: the
+              oedema bright in T2w and FLAIR). Gamma, bias field, gain and noise level are the
+              subject's own in every sequence; each sequence's noise realisation is its own.
   storage     (cfg.vary_storage) ~30 % of files are stored LAS or LPI instead of RAS and ~half
               as int16 with scl_slope instead of float32, to exercise the ingest path.
 
 Determinism: labels come from one seeded permutation (exactly round(n * ad_fraction) AD); every
 other draw of subject i comes from SeedSequence(seed, spawn_key=(1, i)), split into streams for
 anatomy, lesion and noise, so a subject's draws never depend on the others, on cfg.lesions, on the
-spacing, or on ad_effect (the same seed with ad_effect=0 gives the same subjects without the
+spacing, on the other sequences written, or on ad_effect (the same seed with ad_effect=0 gives the same subjects without the
 AD change: the tests use that pairing).
 
 Calibration (how well anatomy separates the labels, measured with ROI and voxel proxies; the
@@ -53,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from synthmri_jax import workdir as workdir_lib
+from synthmri_jax.data.mr_contrast import LESION_CONTRAST, SEQUENCE_CONTRAST, sequence_contrast
 from synthmri_jax.data.mni_template import (CSF_LEVEL, FOV_CENTRE_MM, GM_LEVEL, ctrl_shape, field_basis, lesion_sites,
                                             smooth_field, template, trilinear)
 from synthmri_jax.utils import io
@@ -99,9 +108,11 @@ class CohortSpec:
   lesion_fraction: float
   vary_storage: bool
   seed: int
+  sequences: tuple[str, ...] = ("T1w",)
 
   @classmethod
-  def of(cls, cfg) -> "CohortSpec":
+  def of(cls, cfg, sequences=("T1w",)) -> "CohortSpec":
+    """`cfg` is config.data.embedded; `sequences` the sequences to write (config.data.sequences)."""
     lo, hi = (float(a) for a in _opt(cfg, "age_range", (55.0, 90.0)))
     spec = cls(num_subjects=int(_opt(cfg, "num_subjects", 160)),
                spacing_mm=float(_opt(cfg, "spacing_mm", 2.0)),
@@ -111,8 +122,13 @@ class CohortSpec:
                lesions=bool(_opt(cfg, "lesions", False)),
                lesion_fraction=float(_opt(cfg, "lesion_fraction", 1.0)),
                vary_storage=bool(_opt(cfg, "vary_storage", True)),
-               seed=int(_opt(cfg, "seed", 0)))
+               seed=int(_opt(cfg, "seed", 0)),
+               sequences=tuple(str(q) for q in sequences))
     problems = []
+    unknown = [q for q in spec.sequences if q not in SEQUENCE_CONTRAST]
+    if unknown or not spec.sequences or len(set(spec.sequences)) != len(spec.sequences):
+      problems.append(f"data.sequences {list(spec.sequences)}: the embedded cohort simulates distinct "
+                      f"sequences among {sorted(SEQUENCE_CONTRAST)}")
     if spec.num_subjects < 1:
       problems.append("num_subjects must be >= 1")
     if not 0.5 <= spec.spacing_mm <= 8.0:
@@ -130,7 +146,10 @@ class CohortSpec:
     return spec
 
   def hash(self) -> str:
-    return workdir_lib.fingerprint(dict(dataclasses.asdict(self), generator=GENERATOR_VERSION), 16)
+    fields = dataclasses.asdict(self)
+    if self.sequences == ("T1w",):
+      del fields["sequences"]      # the T1w-only cohort keeps the key it had before sequences existed
+    return workdir_lib.fingerprint(dict(fields, generator=GENERATOR_VERSION), 16)
 
 
 # ------------------------------------------------------------------------------ subjects
@@ -254,8 +273,9 @@ def _lesion_profile(sub: Subject, q: np.ndarray) -> np.ndarray:
   return rho / (1.0 + 0.08 * wobble)
 
 
-def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-  """(image float32, lesion mask uint8 or None, RAS affine) of one subject on the output grid."""
+def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+  """({sequence: image float32} for spec.sequences, lesion mask uint8 or None, RAS affine) of one
+  subject on the output grid."""
   tpl = template(spec.spacing_mm)
   shape, s = tpl.shape, np.float32(tpl.spacing)
   axes = [ax.astype(np.float32) for ax in tpl.axes_mm()]
@@ -310,30 +330,44 @@ def simulate_subject(spec: CohortSpec, sub: Subject) -> tuple[np.ndarray, np.nda
   csf = 1.0 / (1.0 + np.exp((vent_dist - reach) / (0.4 * max(float(s), 1.0))))
   intensity -= csf * np.maximum(intensity - CSF_LEVEL, 0.0)
 
-  mask = None
+  mask, lesion = None, None
   if sub.lesion is not None:
     rho = _lesion_profile(sub, q[:, near_lesion])
     step = lambda x, w=0.08: 1.0 / (1.0 + np.exp(-x / w))
     core, tumour, whole = step(0.6 - rho), step(1.0 - rho), step(1.5 - rho)
-    oedema, rim = whole - tumour, tumour - core
-    base = intensity[near_lesion]
-    intensity[near_lesion] = (base * (1.0 - whole) + oedema * (0.6 * base + 0.45 * 1.15)
-                              + rim * 1.45 + core * 0.35)
+    lesion = (near_lesion, whole, whole - tumour, tumour - core, core)   # where, whole, oedema, rim, core
     full = np.zeros(int(np.prod(shape)), np.uint8)
     full[sel[near_lesion]] = (rho < 1.5) & (brain[near_lesion] > 0.5)   # never outside the brain
     mask = full.reshape(shape)
 
-  intensity = intensity ** sub.gamma
   bias = np.exp(0.08 * smooth_field(sub.bias_coef, bases).ravel()[sel])
-  signal = sub.gain * intensity * bias
-  noise_rng = np.random.default_rng(_subject_streams(spec, sub.index)[2])
   sigma = sub.noise * sub.gain
-  n1 = noise_rng.standard_normal(signal.shape, dtype=np.float32)
-  n2 = noise_rng.standard_normal(signal.shape, dtype=np.float32)
-  magnitude = np.sqrt((signal + sigma * n1) ** 2 + (sigma * n2) ** 2) * (brain > 0.5)
-  image = np.zeros(int(np.prod(shape)), np.float32)
-  image[sel] = magnitude
-  return image.reshape(shape), mask, tpl.affine.copy()
+  images = {}
+  for seq in spec.sequences:
+    level = sequence_contrast(intensity, seq)
+    if lesion is not None:
+      where, whole, oedema, rim, core = lesion
+      weight, oedema_level, rim_level, core_level = LESION_CONTRAST[seq]
+      base = level[where]
+      level[where] = (base * (1.0 - whole) + oedema * (weight * base + oedema_level)
+                      + rim * rim_level + core * core_level)
+    signal = sub.gain * level ** sub.gamma * bias
+    noise_rng = np.random.default_rng(_noise_stream(spec, sub.index, seq))
+    n1 = noise_rng.standard_normal(signal.shape, dtype=np.float32)
+    n2 = noise_rng.standard_normal(signal.shape, dtype=np.float32)
+    magnitude = np.sqrt((signal + sigma * n1) ** 2 + (sigma * n2) ** 2) * (brain > 0.5)
+    image = np.zeros(int(np.prod(shape)), np.float32)
+    image[sel] = magnitude
+    images[seq] = image.reshape(shape)
+  return images, mask, tpl.affine.copy()
+
+
+def _noise_stream(spec: CohortSpec, index: int, sequence: str) -> np.random.SeedSequence:
+  """T1w: the subject's noise stream; any other sequence a stream of its own, fixed by its name
+  (not by which other sequences are written)."""
+  if sequence == "T1w":
+    return _subject_streams(spec, index)[2]
+  return np.random.SeedSequence(spec.seed, spawn_key=(1, index, 3 + list(SEQUENCE_CONTRAST).index(sequence)))
 
 
 # ------------------------------------------------------------------------------ writing
@@ -365,11 +399,17 @@ def _table(spec: CohortSpec) -> pd.DataFrame:
   for i, label in enumerate(cohort_labels(spec)):
     sub = draw_subject(spec, i, label)
     pid = sub.participant_id
-    row = dict(participant_id=pid, path=f"{pid}/anat/{pid}_T1w.nii.gz", label=label, age=sub.age, sex=sub.sex)
+    files = {_path_column(spec, seq): f"{pid}/anat/{pid}_{seq}.nii.gz" for seq in spec.sequences}
+    row = dict(participant_id=pid, **files, label=label, age=sub.age, sex=sub.sex)
     if spec.lesions:
       row["mask_path"] = f"{pid}/anat/{pid}_lesion_mask.nii.gz"
     rows.append(row)
   return pd.DataFrame(rows)
+
+
+def _path_column(spec: CohortSpec, sequence: str) -> str:
+  """`path` for a T1w-only cohort (the simplest table a user writes), else path_<sequence>."""
+  return "path" if spec.sequences == ("T1w",) else f"path_{sequence}"
 
 
 def _remove_stale(out_dir: str) -> None:
@@ -385,27 +425,30 @@ def _remove_stale(out_dir: str) -> None:
 def _write_subject(job: tuple) -> str:
   """Simulates and writes one subject (a module-level function, so a process pool can run it):
   every subject's draws derive from (seed, index) only, so the order of the jobs does not matter."""
-  spec, out_dir, participant_id, label, path, mask_path = job
+  spec, out_dir, participant_id, label, paths, mask_path = job
   sub = draw_subject(spec, int(participant_id[4:]) - 1, label)
-  image, mask, affine = simulate_subject(spec, sub)
+  images, mask, affine = simulate_subject(spec, sub)
   if spec.lesions:
     if mask is None:
-      mask = np.zeros(image.shape, np.uint8)
+      mask = np.zeros(images[spec.sequences[0]].shape, np.uint8)
     _write(mask, affine, os.path.join(out_dir, mask_path), sub.orientation, np.uint8)
-  _write(image, affine, os.path.join(out_dir, path), sub.orientation, np.dtype(sub.dtype))
+  # The first sequence last: its file is what marks the subject as written.
+  for seq, path in reversed(list(zip(spec.sequences, paths))):
+    _write(images[seq], affine, os.path.join(out_dir, path), sub.orientation, np.dtype(sub.dtype))
   return participant_id
 
 
-def build_embedded_cohort(cfg, out_dir: str, log=None, map_fn=None) -> str:
+def build_embedded_cohort(cfg, out_dir: str, log=None, map_fn=None, sequences=("T1w",)) -> str:
   """Writes the simulated cohort (NIfTI + participants.tsv) into out_dir; returns the table's path.
 
-  `cfg` is config.data.embedded. Idempotent: a complete build for the same cfg returns at once;
+  `cfg` is config.data.embedded, `sequences` config.data.sequences (each a column path_<seq>; a
+  T1w-only cohort has one `path` column). Idempotent: a complete build for the same cfg returns at once;
   an interrupted one resumes, keeping the subjects already written (each file is written
-  atomically, the image after its mask). A build for a different cfg in the same directory is
+  atomically, the first sequence's image last). A build for a different cfg in the same directory is
   replaced. `log(msg)` (optional) receives progress lines; `map_fn(fn, items)` (optional, e.g. a
   process pool's map) runs the per-subject simulations, in any order.
   """
-  spec = CohortSpec.of(cfg)
+  spec = CohortSpec.of(cfg, sequences)
   out_dir = os.path.abspath(out_dir)
   tsv = os.path.join(out_dir, "participants.tsv")
   digest = spec.hash()
@@ -425,8 +468,10 @@ def build_embedded_cohort(cfg, out_dir: str, log=None, map_fn=None) -> str:
   io.write_json_atomic(os.path.join(out_dir, _MANIFEST), dict(hash=digest, spec=dataclasses.asdict(spec)))
 
   table = _table(spec)
-  todo = [(spec, out_dir, row.participant_id, row.label, row.path, getattr(row, "mask_path", ""))
-          for row in table.itertuples(index=False) if not os.path.exists(os.path.join(out_dir, row.path))]
+  first = _path_column(spec, spec.sequences[0])
+  todo = [(spec, out_dir, row["participant_id"], row["label"], [row[_path_column(spec, q)] for q in spec.sequences],
+           row.get("mask_path", "")) for row in table.to_dict("records")
+          if not os.path.exists(os.path.join(out_dir, row[first]))]
   for written, _ in enumerate((map_fn or map)(_write_subject, todo), 1):
     if log is not None and (written % 20 == 0):
       log(f"embedded cohort: {written} subjects written")

@@ -143,7 +143,7 @@ def _prepare(config, workdir: str) -> dict[str, Any]:
     table_path = str(d.cohort_tsv)
     if not table_path:
       from synthmri_jax.data.embedded import build_embedded_cohort
-      table_path = build_embedded_cohort(d.embedded, os.path.join(workdir, "embedded"),
+      table_path = build_embedded_cohort(d.embedded, os.path.join(workdir, "embedded"), sequences=sequences,
                                          map_fn=pool.progress_map("embedded subjects simulated"))
     table_path = os.path.abspath(table_path)
     df = cohort.read_cohort(table_path, sequences)
