@@ -45,6 +45,8 @@ class LatentCodec:
   """Volume <-> generative latent: the only place the LDM and the sampler touch the tokenizer.
 
   encode(variables, x) -> z: (B, X, Y, Z, C) -> (B, x, y, z, D); decode(variables, z) -> x.
+  With mask_channel, x's last channel is the lesion mask (loader.CohortSource(..., mask_channel=True)
+  builds that input) and decode returns it too: C = sequences + 1.
   Both are pure and jittable; `variables` travels as an argument (not a baked-in constant).
   `key` identifies the model and its weights (part of the latent cache key).
   """
@@ -54,6 +56,19 @@ class LatentCodec:
   variables: Any
   key: str
   description: str = ""
+  mask_channel: bool = False
+
+  def source(self, prepared, split: str, **kw):
+    """A split of `prepared` as this codec reads it (with the mask channel when it has one)."""
+    return loader.CohortSource(prepared, split, mask_channel=self.mask_channel, **kw)
+
+  def images(self, x):
+    """The image channels of a decoded volume (B, X, Y, Z, C): all but the mask channel."""
+    return x[..., :-1] if self.mask_channel else x
+
+  def masks(self, x):
+    """The decoded lesion mask (B, X, Y, Z) uint8 (decoded channel > 0.5); None without a mask channel."""
+    return (np.asarray(x[..., -1]) > 0.5).astype(np.uint8) if self.mask_channel else None
 
 
 def latent_fields(config) -> dict[str, Any]:
@@ -99,7 +114,7 @@ def encode_latents(config, workdir: str, prepared: PreparedCohort, codec: Latent
       entry = index["splits"].get(split, {})
       if entry.get("complete"):
         continue
-      source = loader.CohortSource(prepared, split)
+      source = codec.source(prepared, split)
       n = len(source)
       num_batches = loader.eval_num_batches(source, global_batch)
       shard = lambda k: os.path.join(out_dir, f"{split}_{k:05d}.npy")

@@ -225,6 +225,21 @@ def test_psnr_closed_form():
   assert F.psnr(x, x, data_range=1.0) == math.inf
 
 
+def test_lesion_detection_counts_components():
+  target = np.zeros((12, 12, 12), bool)
+  target[1:3, 1:3, 1:3] = True          # lesion A
+  target[8:11, 8:11, 8:11] = True       # lesion B
+  target[5, 5, 5] = True                # lesion C (one voxel)
+  pred = np.zeros_like(target)
+  pred[2, 2, 2] = True                  # touches A
+  pred[3, 3, 3] = True                  # diagonal neighbour of the A hit: same component (26-connected)
+  pred[6:8, 0:2, 10:12] = True          # overlaps nothing: one false positive
+  assert F.lesion_detection(pred, target) == {"lesions": 3, "detected": 1, "false_positives": 1}
+  assert F.lesion_detection(target, target) == {"lesions": 3, "detected": 3, "false_positives": 0}
+  assert F.lesion_detection(np.zeros_like(target), target) == {"lesions": 3, "detected": 0, "false_positives": 0}
+  assert F.lesion_detection(pred, np.zeros_like(target)) == {"lesions": 0, "detected": 0, "false_positives": 2}
+
+
 def test_dice_binary_and_multilabel():
   pred = np.zeros((4, 4, 4), bool)
   target = np.zeros((4, 4, 4), bool)

@@ -37,6 +37,7 @@ from synthmri_jax.pipeline import sample as sample_stage
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import load_prepared
 from synthmri_jax.diffusion.schedules import make_schedule
+from synthmri_jax.evaluation import synthetic_cohort
 from synthmri_jax.models import unet as U
 from synthmri_jax.training import trainer
 from synthmri_jax.training.checkpoint import load_variables
@@ -354,3 +355,35 @@ def test_synthetic_folder_is_bids_and_private(stage_run):
     text = gzip.decompress(content) if rel.endswith(".gz") else content
     for needle in (b"sub-train", b"secret_cohort", work.encode(), b"/tmp", b"cache/"):
       assert needle not in text, (rel, needle)
+
+
+def test_image_and_mask_pairs_are_written_together(stage_run):
+  """A codec with a mask channel: every synthetic subject gets the decoded mask channel (> 0.5) as
+  its *_mask.nii.gz, on the image's grid, with a sidecar and a mask_path column. The stand-in decodes
+  its mask as (image > 0.65), so each written mask must equal its own subject's thresholded image."""
+  work = str(stage_run["base"] / "mask_work")
+  shutil.copytree(stage_run["work"], work, ignore=shutil.ignore_patterns("synthetic", "synthetic_state.json"))
+  plain = stage_run["codec"]
+
+  def decode(v, z):
+    x = plain.decode(v, z)
+    return jnp.concatenate([x, (x > 0.65).astype(x.dtype)], axis=-1)
+
+  # The same encoder and key (the LDM's latents are the same); the decoder adds the mask channel.
+  codec = LatentCodec(lambda v, x: plain.encode(v, x[..., :1]), decode, plain.variables, key=plain.key,
+                      description="test stand-in + mask", mask_channel=True)
+  sample_stage.run(stage_run["config"], work, codec=codec, log=lambda m: None)
+  out = os.path.join(work, "synthetic")
+  table = pd.read_csv(os.path.join(out, "participants.tsv"), sep="\t", dtype=str)
+  assert list(table.columns) == ["participant_id", "label", "age", "sex", "seed", "mask_path"]
+  resolved = synthetic_cohort.resolve_table(os.path.join(out, "participants.tsv"), ["T1w"])
+  with_lesion = 0
+  for pid, mask_path in zip(table["participant_id"], resolved["mask_path"]):
+    image = nib.load(os.path.join(out, pid, "anat", f"{pid}_T1w.nii.gz"))
+    mask = nib.load(mask_path)
+    assert mask_path.endswith(f"{pid}/anat/{pid}_mask.nii.gz") and mask.get_data_dtype() == np.uint8
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), (np.asarray(image.dataobj) > 0.65).astype(np.uint8))
+    with_lesion += bool(np.asarray(mask.dataobj).any())
+    assert json.load(open(mask_path.replace(".nii.gz", ".json")))["Labels"] == {"0": "background", "1": "lesion"}
+  assert 0 < with_lesion < len(table)       # AD latents sit near 0.8, CN near 0.5: some masks, not all

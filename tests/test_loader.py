@@ -90,6 +90,13 @@ def test_cohort_source_elements(tmp_path):
   batch = next(loader.train_iterator(src, 4, 0, process_index=0, process_count=1))
   assert batch["image"].shape == (4,) + SHAPE + (2,) and batch["mask"].shape == (4,) + SHAPE
   assert batch["index"].dtype == np.int32 and batch["valid"].all()
+  # The tokenizer's image + mask input: the mask (0 / 1) as one more channel after the sequences.
+  joint = loader.CohortSource(prepared, "train", mask_channel=True)[3]
+  assert joint["image"].shape == SHAPE + (3,)
+  np.testing.assert_array_equal(joint["image"][..., :2], e["image"])
+  np.testing.assert_array_equal(joint["image"][..., 2], e["mask"].astype(np.float32))
+  with pytest.raises(ValueError, match="no masks.*mask_channel"):
+    loader.CohortSource(write_cohort(tmp_path / "nomask2", n=2, masks=False), "train", mask_channel=True)
 
 
 def test_two_processes_see_every_example_once_per_epoch():

@@ -163,6 +163,12 @@ def test_evaluation_json_keys_and_intervals(copy_study):
   for name in ("SEG_real", "SEG_synthetic"):
     d = seg[name]["per_seed"][0]["dice"]
     assert d["ci_low"] <= d["mean"] <= d["ci_high"] and seg[name]["n_seeds"] == 1 and d["unit"] == "subjects"
+    # Lesion-wise detection: the subject mean of each scan's detected share, from the run's own counts.
+    det, fp = seg[name]["per_seed"][0]["lesions_detected"], seg[name]["per_seed"][0]["false_positives_per_scan"]
+    found = json.load(open(os.path.join(workdir, "evaluation", "runs", name, "seed0", "result.json")))["test"]["detection"]
+    share = [f["detected"] / f["lesions"] for f in found if f["lesions"]]
+    assert det["mean"] == pytest.approx(np.mean(share)) and det["ci_low"] <= det["mean"] <= det["ci_high"]
+    assert fp["mean"] == pytest.approx(np.mean([f["false_positives"] for f in found])) and fp["unit"] == "subjects"
   assert seg["delta_synthetic_minus_real"]["n_seeds"] == 1
   for arm in ("TRTR", "TSTR", "SEG_real"):
     assert os.path.exists(os.path.join(workdir, "evaluation", "runs", arm, "seed0", "result.json"))

@@ -29,6 +29,10 @@ def tokenizer_config(profile: str = "gpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = "dual"                 # 'dual' (BrainG3N) | 'vqvae' | 'vqgan'
   c.batch_size = 2 if quick else 0   # global batch; 0: config.data.batch_size
+  # True: the lesion mask is one more input channel (after the sequences), so the latent holds image
+  # and mask together and the LDM generates them as a pair; the sample stage writes the decoded
+  # channel, thresholded at 0.5, as each synthetic subject's *_mask.nii.gz. Needs a cohort with masks.
+  c.mask_channel = False
   # The trainer's evaluation (every train.eval_every steps and at each phase's end, with image
   # summaries). Off in the quickstart: each eval is one more compile of the model on 2 CPU
   # cores; the phase always evaluates the final model on 'val' (tokenizer_metrics.json, and

@@ -81,9 +81,12 @@ class Source(Protocol):
 
 
 class CohortSource:
-  """One split of a prepared cohort, read from the npy cache (never NIfTI)."""
+  """One split of a prepared cohort, read from the npy cache (never NIfTI).
 
-  def __init__(self, prepared: PreparedCohort, split: str, *, mmap: bool = False):
+  mask_channel: the image gains the lesion mask (0 / 1) as its last channel, the input of a
+  tokenizer that encodes image and mask together (tokenizer.mask_channel)."""
+
+  def __init__(self, prepared: PreparedCohort, split: str, *, mmap: bool = False, mask_channel: bool = False):
     rows = prepared.split(split)
     if len(rows) == 0:
       raise ValueError(f"{prepared.root}: split {split!r} is empty")
@@ -98,6 +101,10 @@ class CohortSource:
       raise ValueError(f"{prepared.root}: split {split!r} has masks for some scans but not for {missing}; "
                        "a batch needs a mask for every scan or for none")
     self.masks = masks if all(with_mask) else None
+    self.mask_channel = bool(mask_channel)
+    if self.mask_channel and self.masks is None:
+      raise ValueError(f"{prepared.root}: split {split!r} has no masks, so the mask cannot be a channel "
+                       "(tokenizer.mask_channel needs a cohort with a mask_path for every scan)")
     self.labels = rows["label_index"].astype(np.int32).to_numpy()
     self.ages = np.asarray(
         [float(a) if str(a).strip() not in ("", "nan", "NaN", "n/a") else np.nan for a in rows["age"]], np.float32)
@@ -123,6 +130,8 @@ class CohortSource:
     }
     if self.masks is not None:
       element["mask"] = io.load_npy(os.path.join(self.root, self.masks[index]), self.mmap).astype(np.uint8, copy=False)
+      if self.mask_channel:
+        element["image"] = np.concatenate([element["image"], (element["mask"] > 0)[..., None].astype(np.float32)], -1)
     return element
 
   def __repr__(self) -> str:

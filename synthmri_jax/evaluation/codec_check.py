@@ -40,12 +40,13 @@ def round_trip(codec, prepared: PreparedCohort, splits: Sequence[str], batch_siz
     rows = prepared.split(split)
     if not len(rows):
       continue
-    src = loader.CohortSource(prepared, split)
+    src = codec.source(prepared, split)
     for batch in loader.eval_iterator(src, batch_size):
       keep = np.asarray(batch["valid"], bool)
-      out = np.asarray(jax.device_get(step(codec.variables, np.asarray(batch["image"], np.float32))))
-      before.append(np.asarray(batch["image"], np.float32)[keep])
-      after.append(out[keep])
+      image = np.asarray(batch["image"], np.float32)
+      out = np.asarray(jax.device_get(step(codec.variables, image)))
+      before.append(codec.images(image)[keep])
+      after.append(codec.images(out)[keep])
       labels.append(np.asarray(batch["label"])[keep])
     subjects.extend(rows["participant_id"].astype(str))
   if not before:

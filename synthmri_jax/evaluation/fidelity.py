@@ -218,6 +218,21 @@ def dice_binary(pred: np.ndarray, target: np.ndarray, *, channel_axis: int | Non
   return float(empty) if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
 
 
+def lesion_detection(pred: np.ndarray, target: np.ndarray) -> dict[str, int]:
+  """Lesion-wise detection of one volume: lesions are the 26-connected components of `target`; one
+  is detected when any predicted voxel overlaps it, and a predicted component that overlaps no
+  lesion is a false positive. Returns {"lesions", "detected", "false_positives"} (counts)."""
+  p, t = np.asarray(pred) != 0, np.asarray(target) != 0
+  if p.shape != t.shape:
+    raise ValueError(f"shape mismatch: {p.shape} vs {t.shape}")
+  full = np.ones((3,) * p.ndim, bool)
+  t_lab, n_t = scipy.ndimage.label(t, structure=full)
+  p_lab, n_p = scipy.ndimage.label(p, structure=full)
+  detected = len(set(np.unique(t_lab[p & t]).tolist()) - {0})
+  hit_pred = set(np.unique(p_lab[p & t]).tolist()) - {0}
+  return {"lesions": int(n_t), "detected": int(detected), "false_positives": int(n_p - len(hit_pred))}
+
+
 def dice(pred: np.ndarray, target: np.ndarray, labels: Sequence[int] | None = None,
          *, empty: float = 1.0) -> dict[int, float]:
   """Per-label Dice of two integer label maps (label 0 = background unless listed).

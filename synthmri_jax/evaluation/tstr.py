@@ -262,15 +262,16 @@ class Study:
     variables = _host({"params": state.eval_params, **state.model_state})
     del state
     pred = predict_source(task.predict, variables, self.test_source, int(self.ev.batch_size))["labels"]
-    dices, lesion = [], []
+    dices, lesion, found = [], [], []
     for i in range(len(self.test_source)):
       target = self.test_source[i]["mask"]
       dices.append(fidelity.dice_binary(pred[i] > 0, target > 0, empty=1.0))
       lesion.append(bool((target > 0).any()))
+      found.append(fidelity.lesion_detection(pred[i] > 0, target > 0))
     result = {"key": key, "kind": "segmenter", "arm": arm.name, "seed_index": k, "seed": seed, "train": comp,
               "steps": int(seg.train.steps), "seconds": round(time.time() - t0, 1),
               "test": {"participant_id": self.test_table["participant_id"].tolist(), "dice": dices,
-                       "has_lesion": lesion}}
+                       "has_lesion": lesion, "detection": found}}
     result["dice"] = self._dice_summary(result)
     io.write_json_atomic(result_path, result)
     self.log(f"[evaluate] {arm.name} seed{k}: Dice {result['dice']['all']['mean']:.3f} "
@@ -281,7 +282,15 @@ class Study:
     d = np.asarray(result["test"]["dice"])
     has = np.asarray(result["test"]["has_lesion"], bool)
     subj = np.asarray(result["test"]["participant_id"]).astype(str)
-    return {"all": self._subject_mean(d, subj), "with_lesion": self._subject_mean(d[has], subj[has])}
+    out = {"all": self._subject_mean(d, subj), "with_lesion": self._subject_mean(d[has], subj[has])}
+    found = result["test"].get("detection")
+    if found:   # lesion-wise: the share of a scan's lesions detected, and false-positive lesions per scan
+      n = np.asarray([f["lesions"] for f in found], float)
+      share = np.asarray([f["detected"] for f in found], float)[n > 0] / n[n > 0]
+      out["lesions_detected"] = self._subject_mean(share, subj[n > 0])
+      out["false_positives_per_scan"] = self._subject_mean(
+          np.asarray([f["false_positives"] for f in found], float), subj)
+    return out
 
   def _subject_mean(self, values: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:
     return stats.bootstrap_mean(values, int(self.ev.n_boot), float(self.ev.alpha), str(self.ev.ci_method),
@@ -424,7 +433,9 @@ class Study:
     for r in results:
       d = self._dice_summary(r)
       per_seed.append(dict(seed=r["seed"], n_train_real=r["train"]["n_real"],
-                           n_train_synthetic=r["train"]["n_synthetic"], dice=d["all"], dice_with_lesion=d["with_lesion"]))
+                           n_train_synthetic=r["train"]["n_synthetic"], dice=d["all"], dice_with_lesion=d["with_lesion"],
+                           lesions_detected=d.get("lesions_detected"),
+                           false_positives_per_scan=d.get("false_positives_per_scan")))
     return {"per_seed": per_seed, "dice_over_seeds": stats.summarize_seeds([p["dice"]["mean"] for p in per_seed]),
             "n_seeds": len(results)}
 

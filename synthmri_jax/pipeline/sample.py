@@ -63,7 +63,12 @@ def _pid(i: int, n: int) -> str:
 
 
 def _files(out_dir: str, pid: str, channels: Sequence[str]) -> list[str]:
+  """A subject's files, one per channel (a sequence, or "mask": the lesion mask generated with them)."""
   return [os.path.join(out_dir, pid, "anat", f"{pid}_{seq}.nii.gz") for seq in channels]
+
+
+MASK_SIDECAR = {"Description": "lesion mask generated with the image: the tokenizer's decoded mask channel > 0.5",
+                "Labels": {"0": "background", "1": "lesion"}}
 
 
 def participants_table(plan: Mapping[str, np.ndarray], labels: Sequence[str], attributes) -> pd.DataFrame:
@@ -128,16 +133,17 @@ def _dataset_description(config, what: str, codec_description: str, step: int,
 
 def _reject_copies(config, workdir: str, rows: np.ndarray, x: np.ndarray, generate: Callable[[np.ndarray], np.ndarray],
                    seeds: np.ndarray, pids: Sequence[str], reseeded: dict[int, int], rejections: dict[str, Any],
-                   log: Callable[[str], None]) -> np.ndarray:
+                   log: Callable[[str], None], images: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
   """Regenerates (new seed, same attributes) every subject the privacy copy check flags, until
   none is flagged or sample.reject_max_attempts is spent (then a UserInputError). Updates seeds,
-  reseeded and rejections in place (the sample state records them for an exact resume)."""
+  reseeded and rejections in place (the sample state records them for an exact resume). `images`
+  takes a generated volume's image channels (the copy check sees no mask channel)."""
   from synthmri_jax.evaluation import privacy   # builds the privacy encoder on first use
   max_attempts = int(config.sample.reject_max_attempts)
   x = x.copy()
   todo = np.arange(len(rows))
   for attempt in range(1, max_attempts + 1):
-    flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+    flags = privacy.flag_generated(config, workdir, images(x[todo]), log=log)
     hit = todo[np.asarray(flags["is_copy"], bool)]
     for j in hit:
       k = list(todo).index(j)
@@ -152,7 +158,7 @@ def _reject_copies(config, workdir: str, rows: np.ndarray, x: np.ndarray, genera
         f"(attempt {attempt})")
     x[hit] = generate(rows[hit])
     todo = hit
-  flags = privacy.flag_generated(config, workdir, x[todo], log=log)
+  flags = privacy.flag_generated(config, workdir, images(x[todo]), log=log)
   if np.any(flags["is_copy"]):
     bad = [pids[rows[j]] for j in todo[np.asarray(flags["is_copy"], bool)]]
     raise UserInputError(f"sample.reject_copies: {bad} still flagged as copies after {max_attempts} "
@@ -178,6 +184,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   state_path = os.path.join(workdir, STATE_FILE)
   key = workdir_lib.fingerprint({"version": OUTPUT_VERSION, "sample": config_files.plain(s), "ldm": g.meta["key"],
                                  "step": g.step, "codec": g.codec.key, "channels": prepared.channels,
+                                 **({"mask_channel": True} if g.codec.mask_channel else {}),
                                  "affine": prepared.meta["affine"]})
   state = io.read_json(state_path) or {}
   is_main = jax.process_index() == 0
@@ -192,7 +199,7 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
   # the attribute model: fit on the public reference cohort when config.public is on (config_blocks/public.py)
   plan = plan_subjects(config, prepare_stage.fit_cohort(config, workdir, prepared), g.attributes, g.labels)
   n = len(plan["seed"])
-  channels = prepared.channels
+  channels = prepared.channels + (["mask"] if g.codec.mask_channel else [])
   pids = [_pid(i, n) for i in range(n)]
   done = sum(all(os.path.exists(f) for f in _files(out_dir, p, channels)) for p in pids)
   what = (f"DDIM {int(s.steps)} steps, eta {float(s.eta):g}" if s.sampler == "ddim"
@@ -219,12 +226,18 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
     x = gen(idx)
     if reject:
       # regenerations count in the batch's sampling / decoding time
-      x = _reject_copies(config, workdir, idx, x, gen, plan["seed"], pids, reseeded, rejections, log)
+      x = _reject_copies(config, workdir, idx, x, gen, plan["seed"], pids, reseeded, rejections, log,
+                         images=g.codec.images)
     if is_main:
+      images, masks = g.codec.images(x), g.codec.masks(x)
       for j, i in enumerate(idx):
         if i in missing:
-          for f, ch in zip(_files(out_dir, pids[i], channels), range(x.shape[-1])):
-            nifti.write_nifti(f, x[j, ..., ch], prepared.affine)
+          files = _files(out_dir, pids[i], channels)
+          if masks is not None:     # the mask first: the images mark the subject as written
+            io.write_json_atomic(files[-1].replace(".nii.gz", ".json"), MASK_SIDECAR)
+            nifti.write_nifti(files.pop(), masks[j], prepared.affine)
+          for f, ch in zip(files, range(images.shape[-1])):
+            nifti.write_nifti(f, images[j, ..., ch], prepared.affine)
     t_sample.append(gen.clock["sample"] / len(idx))
     t_decode.append(gen.clock["decode"] / len(idx))
     per_batch.append((time.time() - t0) / len(idx))
@@ -245,7 +258,10 @@ def run(config, workdir: str, *, codec: Optional[LatentCodec] = None,
            "generated_this_run": generated, "seconds": round(time.time() - t_start, 1), **timing,
            "reject_copies": reject, "rejections": rejections, "reseeded": {str(k): v for k, v in reseeded.items()},
            "attributes_fit_on": prepare_stage.fit_on(config)}
-  _finish(out_dir, state_path, state, participants_table(plan, g.labels, g.attributes),
+  table = participants_table(plan, g.labels, g.attributes)
+  if g.codec.mask_channel:
+    table["mask_path"] = [f"{p}/anat/{p}_mask.nii.gz" for p in table["participant_id"]]
+  _finish(out_dir, state_path, state, table,
           _dataset_description(config, what, g.codec.description, g.step, prepared.space()), is_main, log)
   return state
 

@@ -84,6 +84,12 @@ def _config_key(config, prepared) -> str:
       "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": batch_size(config)})
 
 
+def input_channels(config, prepared) -> list[str]:
+  """What the tokenizer encodes, channel by channel: the cohort's sequences, then "mask" when
+  tokenizer.mask_channel (image and lesion mask in one latent)."""
+  return list(prepared.channels) + (["mask"] if bool(config.tokenizer.get("mask_channel", False)) else [])
+
+
 def batch_size(config) -> int:
   b = int(config.tokenizer.get("batch_size", 0) or 0)
   return b if b > 0 else int(config.data.batch_size)
@@ -141,9 +147,10 @@ def train_variant(config, workdir: str, *, log: Callable[[str], None] = print,
   """
   tcfg = config.tokenizer
   prepared = prepare_stage.fit_cohort(config, workdir)
-  in_channels = len(prepared.channels)
-  train_src = loader.CohortSource(prepared, "train")
-  val_src = loader.CohortSource(prepared, "val")
+  in_channels = len(input_channels(config, prepared))
+  with_mask = bool(tcfg.get("mask_channel", False))
+  train_src = loader.CohortSource(prepared, "train", mask_channel=with_mask)
+  val_src = loader.CohortSource(prepared, "val", mask_channel=with_mask)
   batch = batch_size(config)
   augment = loader.Augment.from_config(config.data)
   mesh = _mesh(config)
@@ -207,7 +214,7 @@ def _summary(config, prepared, task, state, m, per_phase) -> dict[str, Any]:
       "train_cohort_hash": prepared.meta.get("config_hash"),
       "psnr": m["psnr"], "ssim": m["ssim"], "l1": m["l1"], "boundary_band_l1": m["band_l1"],
       "codebooks": m["codebooks"], "phases": per_phase, "tokenizer_params": n_params,
-      "volume_shape": list(prepared.shape), "channels": prepared.channels,
+      "volume_shape": list(prepared.shape), "channels": input_channels(config, prepared),
       "boundary_band": ("cohort masks (edge band where a volume's mask has no boundary)" if prepared.has_masks
                         else "image edges (top {:.0%} gradient magnitude), no masks in the cohort").format(
                             float(tcfg.loss.edge_fraction)) + f", half-width {int(tcfg.loss.boundary_width)} voxel(s)",
@@ -273,7 +280,7 @@ def load_tokenizer(config, workdir: str, phase: Optional[str] = None):
   prepared = load_prepared(workdir)
   _, loaded = ckpt_lib.load_variables(os.path.join(phase_dir(workdir, phase), "checkpoints"))
   params = ckpt_lib.eval_params(loaded)
-  model = build_tokenizer(tcfg, len(prepared.channels))
+  model = build_tokenizer(tcfg, len(input_channels(config, prepared)))
   return model, {"params": params["tokenizer"], "vq_stats": loaded["model_state"].get("vq_stats", {})}
 
 
@@ -304,5 +311,7 @@ def tokenizer_codec(config, workdir: str, clinical: Optional[str] = None) -> Lat
 
   key = workdir_lib.fingerprint({"tokenizer": metrics.get("config_hash"), "step": max(steps) if steps else None,
                "quantized": quantized})
+  with_mask = bool(config.tokenizer.get("mask_channel", False))
   return LatentCodec(encode, decode, variables, key,
-                     f"{metrics.get('variant')} tokenizer, phase {phase} step {max(steps) if steps else '?'}")
+                     f"{metrics.get('variant')} tokenizer, phase {phase} step {max(steps) if steps else '?'}"
+                     + (", image + mask channel" if with_mask else ""), mask_channel=with_mask)

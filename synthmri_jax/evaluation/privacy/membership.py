@@ -15,7 +15,6 @@ import numpy as np
 
 from synthmri_jax import workdir as workdir_lib
 from synthmri_jax.config_blocks.privacy import block as privacy_block
-from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort
 from synthmri_jax.evaluation import membership_stats
 from synthmri_jax.utils import io
@@ -166,7 +165,7 @@ def ldm_membership_inference(config, workdir: str, prepared: PreparedCohort, *, 
       z = np.load(cache)
     else:
       log(f"privacy: encoding the {split} split with the LDM's tokenizer for membership inference")
-      src = loader.CohortSource(prepared, split)
+      src = codec.source(prepared, split)
       enc = jax.jit(codec.encode)
       z = np.concatenate([np.asarray(jax.device_get(enc(codec.variables, src[i]["image"][None])), np.float32)
                           for i in range(len(src))], axis=0)

@@ -56,8 +56,9 @@ def _mid_slices(v: np.ndarray) -> list[np.ndarray]:
   return mid_slices(v)
 
 
-def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tuple[list[np.ndarray], str]:
-  """Up to n synthetic volumes (channel 0) of one label, and where they came from.
+def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int,
+                       channel: int = 0) -> tuple[list[np.ndarray], str]:
+  """Up to n synthetic volumes (one channel) of one label, and where they came from.
 
   The evaluate stage's ingested cache (on the prepared grid and intensity scale) when it exists;
   otherwise the sample stage's NIfTI files, which it writes on the prepared grid already."""
@@ -67,7 +68,8 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
       from synthmri_jax.pipeline.evaluate import load_synthetic
       syn = load_synthetic(config, inp.workdir)
       rows = syn.table[syn.table["label"] == label].head(n)
-      return ([np.asarray(syn.prepared.load_image(r, mmap=True)[..., 0], np.float32) for _, r in rows.iterrows()],
+      return ([np.asarray(syn.prepared.load_image(r, mmap=True)[..., channel], np.float32)
+               for _, r in rows.iterrows()],
               "evaluate stage's ingested synthetic cache")
     except Exception as e:  # noqa: BLE001  (fall back to the raw files)
       print(f"report: synthetic cache unreadable ({type(e).__name__}: {e}); reading the NIfTI files", flush=True)
@@ -75,7 +77,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
   if t is None:
     return [], ""
   from synthmri_jax.data import nifti
-  seq = prepared.channels[0]
+  seq = prepared.channels[channel]
   out = []
   for pid in t[t["label"] == label]["participant_id"].head(n):
     path = os.path.join(W.synthetic_dir(inp.workdir), pid, "anat", f"{pid}_{seq}.nii.gz")
@@ -85,6 +87,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tup
 
 
 def slices_section(config, inp: Inputs, figs: Figures) -> Section:
+  """Per class and per sequence (channel), real training scans above synthetic ones."""
   title = "Real vs synthetic scans"
   prepared = inp.prepared()
   if prepared is None:
@@ -94,39 +97,43 @@ def slices_section(config, inp: Inputs, figs: Figures) -> Section:
                            "the `sample` stage has not run")
   sec = Section(title)
   train = prepared.split("train")
-  channel = prepared.channels[0]
   source = ""
   for label in prepared.labels:
-    real = [np.asarray(prepared.load_image(r, mmap=True)[..., 0], np.float32)
-            for _, r in train[train["label"] == label].head(SUBJECTS_PER_CLASS).iterrows()]
-    syn, source = _synthetic_volumes(config, inp, prepared, label, SUBJECTS_PER_CLASS)
-    if not real and not syn:
-      continue
-    rows = [("real", v) for v in real] + [("synthetic", v) for v in syn]
-    # One grey scale for both cohorts (1st-99th percentile of everything shown), so brightness
-    # and contrast differences are the generator's, not the display's.
-    allv = np.concatenate([np.concatenate([s.ravel() for s in _mid_slices(v)]) for _, v in rows])
-    lo, hi = np.percentile(allv, [1, 99])
-    hi = hi if hi > lo else lo + 1.0
-    fig = figure(6.6, 2.1 * len(rows) + 0.4)
-    axes = fig.subplots(len(rows), 3, squeeze=False)
-    for i, (kind, v) in enumerate(rows):
-      for j, (img, view) in enumerate(zip(_mid_slices(v), ("axial", "coronal", "sagittal"))):
-        ax = axes[i, j]
-        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i == 0:
-          ax.set_title(view, fontsize=9)
-        if j == 0:
-          ax.set_ylabel(kind, fontsize=9, color="#1f4e9a" if kind == "real" else "#a33c00")
-    fig.suptitle(f"{label}: {len(real)} real (train split) vs {len(syn)} synthetic, {channel}, same grey scale",
-                 fontsize=9)
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", str(label))
-    path = figs.save(fig, f"slices_{safe}")
-    sec.add(Image(path, f"{label}: mid slices, real (top rows) vs synthetic (bottom rows), {channel}, "
-                        f"grey scale {fmt_g(lo, 3)} to {fmt_g(hi, 3)}"))
+    rows_real = train[train["label"] == label].head(SUBJECTS_PER_CLASS)
+    for c, channel in enumerate(prepared.channels):
+      real = [np.asarray(prepared.load_image(r, mmap=True)[..., c], np.float32) for _, r in rows_real.iterrows()]
+      syn, source = _synthetic_volumes(config, inp, prepared, label, SUBJECTS_PER_CLASS, channel=c)
+      if not real and not syn:
+        continue
+      safe = re.sub(r"[^A-Za-z0-9_-]+", "_", str(label) if len(prepared.channels) == 1 else f"{label}_{channel}")
+      sec.add(_slice_grid(figs, f"slices_{safe}", label, channel, real, syn))
   if source:
     sec.add(f"Synthetic volumes read from the {source}. Real scans: first {SUBJECTS_PER_CLASS} of each class in the "
             "training split.")
   return sec
+
+
+def _slice_grid(figs: Figures, name: str, label: str, channel: str, real: list, syn: list) -> Image:
+  rows = [("real", v) for v in real] + [("synthetic", v) for v in syn]
+  # One grey scale for both cohorts (1st-99th percentile of everything shown), so brightness
+  # and contrast differences are the generator's, not the display's.
+  allv = np.concatenate([np.concatenate([s.ravel() for s in _mid_slices(v)]) for _, v in rows])
+  lo, hi = np.percentile(allv, [1, 99])
+  hi = hi if hi > lo else lo + 1.0
+  fig = figure(6.6, 2.1 * len(rows) + 0.4)
+  axes = fig.subplots(len(rows), 3, squeeze=False)
+  for i, (kind, v) in enumerate(rows):
+    for j, (img, view) in enumerate(zip(_mid_slices(v), ("axial", "coronal", "sagittal"))):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(view, fontsize=9)
+      if j == 0:
+        ax.set_ylabel(kind, fontsize=9, color="#1f4e9a" if kind == "real" else "#a33c00")
+  fig.suptitle(f"{label}: {len(real)} real (train split) vs {len(syn)} synthetic, {channel}, same grey scale",
+               fontsize=9)
+  path = figs.save(fig, name)
+  return Image(path, f"{label}: mid slices, real (top rows) vs synthetic (bottom rows), {channel}, "
+                     f"grey scale {fmt_g(lo, 3)} to {fmt_g(hi, 3)}")
