@@ -79,7 +79,9 @@ def train_config(config, phase: str) -> ml_collections.ConfigDict:
 def _config_key(config, prepared) -> str:
   # the stage's mesh only splits the same computation (tests/test_spatial.py): not part of the key
   return workdir_lib.fingerprint({
-      "tokenizer": {k: v for k, v in config_files.plain(config.tokenizer).items() if k != "mesh"},
+      # (mask_channel off is the tokenizer as it was before the field existed: the same key)
+      "tokenizer": {k: v for k, v in config_files.plain(config.tokenizer).items()
+                    if k != "mesh" and not (k == "mask_channel" and not v)},
       "train": config_files.plain(config.train) if "train" in config else None,
       "cohort": prepared.meta.get("config_hash"), "shape": list(prepared.shape), "batch": batch_size(config)})
 
