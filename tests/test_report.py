@@ -301,3 +301,31 @@ def test_unreadable_json_does_not_crash(tmp_path):
   out = report.run(None, workdir)
   assert os.path.exists(out["markdown"]) and os.path.exists(out["html"])
   assert out["sections"]["Downstream classification (TSTR / TRTR)"] == "not run"
+
+
+def test_segmentation_arms_reach_the_answers(tmp_path, full_workdir):
+  """With SEG_real and SEG_synthetic in evaluation.json, the answers carry both Dice scores, the
+  lesions detected and their ratio, and the Study table the false positives: read, not recomputed."""
+  import shutil
+  config, full, _ = full_workdir
+  workdir = str(tmp_path / "seg")
+  shutil.copytree(full, workdir)
+  path = os.path.join(workdir, "evaluation", "evaluation.json")
+  ev = json.load(open(path))
+
+  def arm(dice, det, fp, over):
+    ci = lambda m, lo, hi: {"mean": m, "ci_low": lo, "ci_high": hi, "n": 6, "unit": "subjects"}
+    return {"per_seed": [{"seed": 0, "dice": ci(*dice), "lesions_detected": ci(*det),
+                          "false_positives_per_scan": ci(*fp)}], "dice_over_seeds": _seed_summary(over), "n_seeds": 1}
+
+  ev["segmentation"] = {"SEG_real": arm((0.8123, 0.7001, 0.8802), (0.9444, 0.8333, 1.0), (0.5, 0.1667, 0.8333), [0.8]),
+                        "SEG_synthetic": arm((0.6432, 0.5101, 0.7333), (0.7778, 0.5, 0.9444), (1.25, 0.5, 2.0), [0.7]),
+                        "delta_synthetic_minus_real": {"over_seeds": _seed_summary([-0.1691]), "n_seeds": 1}}
+  io.write_json_atomic(path, ev)
+  md = _read(report.run(config, workdir)["markdown"])
+  head = md.split("## Summary")[0]
+  for s in ("0.812 [0.700, 0.880]", "0.643 [0.510, 0.733]", "0.944 [0.833, 1.000]", "0.778 [0.500, 0.944]",
+            "synthetic / real Dice | 0.875"):
+    assert s in head, s
+  study = md.split("## Summary")[1]
+  assert "1.250 [0.500, 2.000]" in study and "synthetic / real (seed means) | 0.875" in study

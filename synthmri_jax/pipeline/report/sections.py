@@ -45,6 +45,9 @@ def answers_section(config, inp: Inputs, figs: Figures) -> Section:
                   f"Seed-mean scores{f', {n_test} test subjects' if n_test else ''}; intervals: subject bootstrap"))
   else:
     sec.add(f"**Useful?** {NOT_RUN}: the `evaluate` stage has not written TSTR and TRTR.")
+  seg = (ev or {}).get("segmentation") or {}
+  if "SEG_real" in seg and "SEG_synthetic" in seg:
+    sec.add(_segmentation_answer(seg))
   pv = inp.privacy
   if pv:
     mia = pv.get("membership_inference", {})
@@ -68,6 +71,21 @@ def answers_section(config, inp: Inputs, figs: Figures) -> Section:
     sec.add(grid)
   return sec
 
+
+def _segmentation_answer(seg: dict) -> Table:
+  """Lesion segmentation trained on real vs on synthetic image + mask pairs, on the real test split."""
+  rows = []
+  for name, what in (("SEG_real", "segmenter trained on real scans + masks"),
+                     ("SEG_synthetic", "segmenter trained on synthetic scans + masks only")):
+    d = (seg[name].get("per_seed") or [{}])[0]
+    dice, det = d.get("dice") or {}, d.get("lesions_detected") or {}
+    rows.append([what, fmt_ci(dice.get("mean"), dice.get("ci_low"), dice.get("ci_high")),
+                 fmt_ci(det.get("mean"), det.get("ci_low"), det.get("ci_high")) if det.get("mean") is not None else "–"])
+  real, syn = (seg[k].get("dice_over_seeds") or {} for k in ("SEG_real", "SEG_synthetic"))
+  if real.get("mean") and syn.get("mean") is not None:
+    rows.append(["synthetic / real Dice", fmt(syn["mean"] / real["mean"]), ""])
+  return Table(["lesion segmentation on the real test split", "Dice [95 % CI]", "lesions detected [95 % CI]"], rows,
+               "Seed 0; intervals: subject bootstrap; the Study section has every seed")
 
 
 def summary_section(inp: Inputs) -> Section:
