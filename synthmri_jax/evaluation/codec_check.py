@@ -22,7 +22,7 @@ import numpy as np
 
 from synthmri_jax.data import loader
 from synthmri_jax.data.cache import PreparedCohort
-from synthmri_jax.evaluation import anatomy
+from synthmri_jax.evaluation import anatomy, fidelity, stats
 from synthmri_jax.evaluation import synthetic_cohort
 
 FILE = "codec_check.json"
@@ -32,10 +32,12 @@ def round_trip(codec, prepared: PreparedCohort, splits: Sequence[str], batch_siz
                log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
   """Real scans of `splits` and their encode -> decode reconstructions, in split-table order.
 
-  Returns {"before": (n, X, Y, Z, C), "after": same, "labels": (n,) label indices, "subjects": (n,)}.
+  Returns {"before": (n, X, Y, Z, C), "after": same, "labels": (n,) label indices, "subjects": (n,)},
+  and with a mask-channel codec "mask_before" / "mask_after" (n, X, Y, Z) uint8 (the image channels
+  are "before" / "after").
   """
   step = jax.jit(lambda v, x: codec.decode(v, codec.encode(v, x)))
-  before, after, labels, subjects = [], [], [], []
+  before, after, labels, subjects, masks = [], [], [], [], ([], [])
   for split in splits:
     rows = prepared.split(split)
     if not len(rows):
@@ -47,12 +49,18 @@ def round_trip(codec, prepared: PreparedCohort, splits: Sequence[str], batch_siz
       out = np.asarray(jax.device_get(step(codec.variables, image)))
       before.append(codec.images(image)[keep])
       after.append(codec.images(out)[keep])
+      if codec.mask_channel:
+        masks[0].append(codec.masks(image)[keep])
+        masks[1].append(codec.masks(out)[keep])
       labels.append(np.asarray(batch["label"])[keep])
     subjects.extend(rows["participant_id"].astype(str))
   if not before:
     raise ValueError(f"splits {list(splits)} hold no scans to run the codec check on")
-  return {"before": np.concatenate(before), "after": np.concatenate(after), "labels": np.concatenate(labels),
-          "subjects": np.asarray(subjects)}
+  out = {"before": np.concatenate(before), "after": np.concatenate(after), "labels": np.concatenate(labels),
+         "subjects": np.asarray(subjects)}
+  if masks[0]:
+    out.update(mask_before=np.concatenate(masks[0]), mask_after=np.concatenate(masks[1]))
+  return out
 
 
 def round_trip_cohort(codec, prepared: PreparedCohort, split: str, folder: str, cache_root: str, *,
@@ -103,11 +111,21 @@ def run(codec, prepared: PreparedCohort, splits: Sequence[str], case: str, contr
   rt = round_trip(codec, prepared, splits, batch_size, log)
   out = check(rt["before"], rt["after"], rt["labels"], prepared.affine, prepared.labels, case, control,
               tolerance=tolerance, n_boot=n_boot, alpha=alpha, seed=seed)
+  if "mask_before" in rt:   # the mask channel through the same round trip: what SEG_synthetic can learn from
+    out["mask_dice"] = mask_dice(rt, n_boot=n_boot, alpha=alpha, seed=seed)
+    log(f"codec check: mask channel Dice after encode -> decode {out['mask_dice']['mean']:.3f}")
   out.update(splits=list(splits), codec=codec.description, seconds=round(time.time() - t0, 1))
   v = out["measures"]["ventricle_ml"]
   log(f"codec check on {out['n_scans']} {'+'.join(splits)} scans: PSNR {out['psnr_db']:.2f} dB, "
       f"{case} - {control} ventricle effect kept {_fmt(v['ratio'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]")
   return out
+
+
+def mask_dice(rt: dict[str, np.ndarray], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+  """Dice of each scan's decoded mask channel against its own mask (both empty: 1), subject mean
+  with a bootstrap interval over subjects; `rt` is a mask-channel codec's round_trip."""
+  dice = [fidelity.dice_binary(a, b, empty=1.0) for a, b in zip(rt["mask_after"], rt["mask_before"])]
+  return stats.bootstrap_mean(np.asarray(dice), n_boot, alpha, "percentile", seed=seed, subjects=rt["subjects"])
 
 
 def _fmt(x) -> str:

@@ -152,8 +152,10 @@ def anatomy_section(inp: Inputs) -> Section:
     sec.add(Table(["measure", "effect in real scans", "after encode → decode", "kept [CI]",
                    f"within ±{fmt_pct(codec.get('tolerance'), 0)}"], rows,
                   f"Codec check: {codec.get('n_scans')} real `{'+'.join(codec.get('splits', []))}` scans through the "
-                  f"sampler's decoding path ({codec.get('codec')}); round-trip PSNR {fmt(codec.get('psnr_db'), 2, 'dB')}. "
-                  "What the decoder cannot draw, no generator can produce."))
+                  f"sampler's decoding path ({codec.get('codec')}); round-trip PSNR {fmt(codec.get('psnr_db'), 2, 'dB')}"
+                  + (f"; lesion-mask channel Dice {fmt_ci(md.get('mean'), md.get('ci_low'), md.get('ci_high'))}"
+                     if (md := codec.get("mask_dice")) else "")
+                  + ". What the decoder cannot draw, no generator can produce."))
   else:
     sec.add(f"Codec check: skipped ({codec.get('skipped', NOT_RUN)}).")
   paired = an.get("paired") or {}
