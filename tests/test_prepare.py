@@ -186,3 +186,29 @@ def test_two_worker_processes_give_the_same_cache(config, tmp_path):
   for r in pa.table.to_dict("records"):
     np.testing.assert_array_equal(pa.load_image(r), pb.load_image(r))
     np.testing.assert_array_equal(pa.load_mask(r), pb.load_mask(r))
+
+
+def test_prepare_caches_the_embedded_sequences_as_channels_in_order(repo_root, tmp_path):
+  """data.sequences = T1w,T2w,FLAIR on the embedded cohort: one cache channel per sequence, in the
+  order named, each what preprocessing its own file gives, and with the sequences' contrasts
+  (T2w brightest where T1w is darkest inside the brain; FLAIR not)."""
+  c = quickstart(repo_root)
+  c.data.sequences = "T1w,T2w,FLAIR"
+  c.data.embedded.update(dict(num_subjects=6, spacing_mm=6.0, lesions=True, vary_storage=True))
+  c.data.update(dict(shape=(28, 32, 28), spacing_mm=6.0, num_workers=0))
+  workdir = str(tmp_path / "seq")
+  prepare.run(c, workdir)
+  prepared = cache.load_prepared(workdir)
+  assert prepared.channels == ["T1w", "T2w", "FLAIR"] and prepared.has_masks
+  table = pd.read_csv(os.path.join(workdir, "embedded", "participants.tsv"), sep="\t")
+  root = os.path.join(workdir, "embedded")
+  for r in prepared.table.to_dict("records")[:2]:
+    row = table[table["participant_id"] == r["participant_id"]].iloc[0]
+    own = nifti.preprocess([os.path.join(root, row[f"path_{q}"]) for q in prepared.channels],
+                           os.path.join(root, row["mask_path"]), shape=(28, 32, 28), spacing_mm=6.0)
+    image = prepared.load_image(r)
+    np.testing.assert_allclose(image, own.image, atol=1e-6)
+    brain = image[..., 0] > 0
+    t1, t2, flair = (image[..., k][brain] for k in range(3))
+    dark = t1 < np.percentile(t1, 10)          # CSF-like in T1w
+    assert t2[dark].mean() > t2[~dark].mean() + 0.1 and flair[dark].mean() < flair[~dark].mean()
