@@ -41,8 +41,8 @@ The simulation (template space is MNI mm; `decades = (age - 50) / 10`; `ad` is 1
 Determinism: labels come from one seeded permutation (exactly round(n * ad_fraction) AD); every
 other draw of subject i comes from SeedSequence(seed, spawn_key=(1, i)), split into streams for
 anatomy, lesion and noise, so a subject's draws never depend on the others, on cfg.lesions, on the
-spacing, on the other sequences written, or on ad_effect (the same seed with ad_effect=0 gives the same subjects without the
-AD change: the tests use that pairing).
+spacing, on the other sequences written, or on ad_effect (the same seed with ad_effect=0 gives the
+same subjects without the AD change: the tests use that pairing).
 
 Calibration (how well anatomy separates the labels, measured with ROI and voxel proxies; the
 measured effect sizes and build times): docs/EMBEDDED_COHORT.md.
