@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from synthmri_jax.latents import LatentCodec
+
 from synthmri_jax.data import loader, nifti
 from synthmri_jax.pipeline import evaluate as evaluate_stage
 from synthmri_jax.pipeline import prepare
@@ -193,17 +195,10 @@ def test_rerun_skips_finished_runs_and_user_extractor(copy_study, tmp_path):
     evaluate_stage.run(config, workdir)
 
 
-class _Codec:
-  """A stand-in LatentCodec: `decode(encode(x))` is x (identity), or one fixed scan for every scan."""
-
-  def __init__(self, template: np.ndarray | None):
-    self.variables, self.template = {}, template
-
-  def encode(self, v, x):
-    return x
-
-  def decode(self, v, z):
-    return z if self.template is None else jax.numpy.broadcast_to(self.template, z.shape)
+def _codec(template: np.ndarray | None) -> LatentCodec:
+  """A stand-in codec: `decode(encode(x))` is x (identity), or one fixed scan for every scan."""
+  decode = (lambda v, z: z) if template is None else (lambda v, z: jax.numpy.broadcast_to(template, z.shape))
+  return LatentCodec(lambda v, x: x, decode, {}, key="identity" if template is None else "template")
 
 
 @pytest.mark.slow
@@ -218,7 +213,7 @@ def test_codec_arm_trains_on_the_round_trips(copy_study, tmp_path):
   syn = load_synthetic(config, workdir)
   keys, aucs = [], []
   for template in (None, one_scan):
-    cohort = codec_check.round_trip_cohort(_Codec(template), real, "train", str(tmp_path / "rt"),
+    cohort = codec_check.round_trip_cohort(_codec(template), real, "train", str(tmp_path / "rt"),
                                            str(tmp_path / "cache"), log=lambda m: None)
     assert len(cohort) == len(real.split("train"))
     assert cohort.table["label"].tolist() == real.split("train")["label"].tolist()
