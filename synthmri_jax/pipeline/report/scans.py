@@ -25,7 +25,7 @@ def answer_grid(config, inp: Inputs, figs: Figures) -> Optional[Image]:
     real = [np.asarray(prepared.load_image(r, mmap=True)[..., 0], np.float32)
             for _, r in train[train["label"] == label].head(2).iterrows()]
     syn, _ = _synthetic_volumes(config, inp, prepared, label, 2)
-    cols += [(f"real {label}", v) for v in real] + [(f"synthetic {label}", v) for v in syn]
+    cols += [(f"real {label}", v) for v in real] + [(f"synthetic {label}", v[..., 0]) for v in syn]
   if not cols:
     return None
   allv = np.concatenate([np.concatenate([s.ravel() for s in _mid_slices(v)[:2]]) for _, v in cols])
@@ -56,9 +56,8 @@ def _mid_slices(v: np.ndarray) -> list[np.ndarray]:
   return mid_slices(v)
 
 
-def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int,
-                       channel: int = 0) -> tuple[list[np.ndarray], str]:
-  """Up to n synthetic volumes (one channel) of one label, and where they came from.
+def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int) -> tuple[list[np.ndarray], str]:
+  """Up to n synthetic volumes (X, Y, Z, channels) of one label, and where they came from.
 
   The evaluate stage's ingested cache (on the prepared grid and intensity scale) when it exists;
   otherwise the sample stage's NIfTI files, which it writes on the prepared grid already."""
@@ -68,8 +67,7 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int,
       from synthmri_jax.pipeline.evaluate import load_synthetic
       syn = load_synthetic(config, inp.workdir)
       rows = syn.table[syn.table["label"] == label].head(n)
-      return ([np.asarray(syn.prepared.load_image(r, mmap=True)[..., channel], np.float32)
-               for _, r in rows.iterrows()],
+      return ([np.asarray(syn.prepared.load_image(r, mmap=True), np.float32) for _, r in rows.iterrows()],
               "evaluate stage's ingested synthetic cache")
     except Exception as e:  # noqa: BLE001  (fall back to the raw files)
       print(f"report: synthetic cache unreadable ({type(e).__name__}: {e}); reading the NIfTI files", flush=True)
@@ -77,12 +75,11 @@ def _synthetic_volumes(config, inp: Inputs, prepared, label: str, n: int,
   if t is None:
     return [], ""
   from synthmri_jax.data import nifti
-  seq = prepared.channels[channel]
   out = []
   for pid in t[t["label"] == label]["participant_id"].head(n):
-    path = os.path.join(W.synthetic_dir(inp.workdir), pid, "anat", f"{pid}_{seq}.nii.gz")
-    if os.path.isfile(path):
-      out.append(np.asarray(nifti.load_canonical(path)[0], np.float32))
+    paths = [os.path.join(W.synthetic_dir(inp.workdir), pid, "anat", f"{pid}_{seq}.nii.gz") for seq in prepared.channels]
+    if all(os.path.isfile(p) for p in paths):
+      out.append(np.stack([np.asarray(nifti.load_canonical(p)[0], np.float32) for p in paths], axis=-1))
   return out, "synthetic/ NIfTI files"
 
 
@@ -99,14 +96,15 @@ def slices_section(config, inp: Inputs, figs: Figures) -> Section:
   train = prepared.split("train")
   source = ""
   for label in prepared.labels:
-    rows_real = train[train["label"] == label].head(SUBJECTS_PER_CLASS)
+    # every channel of a volume read once (the synthetic cohort is ingested once per label)
+    real = [np.asarray(prepared.load_image(r, mmap=True), np.float32)
+            for _, r in train[train["label"] == label].head(SUBJECTS_PER_CLASS).iterrows()]
+    syn, source = _synthetic_volumes(config, inp, prepared, label, SUBJECTS_PER_CLASS)
+    if not real and not syn:
+      continue
     for c, channel in enumerate(prepared.channels):
-      real = [np.asarray(prepared.load_image(r, mmap=True)[..., c], np.float32) for _, r in rows_real.iterrows()]
-      syn, source = _synthetic_volumes(config, inp, prepared, label, SUBJECTS_PER_CLASS, channel=c)
-      if not real and not syn:
-        continue
       safe = re.sub(r"[^A-Za-z0-9_-]+", "_", str(label) if len(prepared.channels) == 1 else f"{label}_{channel}")
-      sec.add(_slice_grid(figs, f"slices_{safe}", label, channel, real, syn))
+      sec.add(_slice_grid(figs, f"slices_{safe}", label, channel, [v[..., c] for v in real], [v[..., c] for v in syn]))
   if source:
     sec.add(f"Synthetic volumes read from the {source}. Real scans: first {SUBJECTS_PER_CLASS} of each class in the "
             "training split.")
