@@ -13,6 +13,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+# The suite compiles hundreds of small XLA:CPU programs and runs each for a few steps, so LLVM's
+# optimisation of their machine code is most of its time and buys nothing at these sizes: at level 0
+# one dual-tokenizer test took 19 s instead of 46 (2-core CPU, 2026-12-08). XLA's own HLO passes
+# (fusion, SPMD partitioning) still run, so the programs under test are the pipeline's; only their
+# machine code is less optimised. Set before any test imports jax; a level the user set wins.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
+
+
+def fake_devices_flags(devices: int) -> str:
+  """XLA_FLAGS for a test subprocess on `devices` fake CPU devices (with the suite's own flags)."""
+  return f"--xla_force_host_platform_device_count={devices} {os.environ['XLA_FLAGS']}"
+
 
 @pytest.fixture
 def repo_root() -> str:
@@ -25,7 +39,7 @@ def on_fake_devices():
   fake CPU devices with the repository and tests/ importable; it writes OUT.json and OUT.npz."""
 
   def run(child: str, out: str, timeout: int = 600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=fake_devices_flags(8),
                PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     proc = subprocess.run([sys.executable, "-c", child, out], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]

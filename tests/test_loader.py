@@ -18,6 +18,7 @@ from synthmri_jax.data import cache
 from synthmri_jax.data import augment, loader
 from synthmri_jax import sharding as mesh_lib
 from synthmri_jax.utils import io
+from conftest import fake_devices_flags
 
 SHAPE = (6, 5, 4)
 
@@ -329,7 +330,7 @@ def test_global_batch_on_four_fake_devices(repo_root):
         assert "not divisible" in str(e)
       print("ok")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=fake_devices_flags(4), JAX_PLATFORMS="cpu",
              PYTHONPATH=repo_root)
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fake_devices_flags
 
 N = 3  # steps per phase
 TIMEOUT = 240
@@ -59,7 +60,7 @@ def free_port() -> int:
 
 def _env(repo_root: str, devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTHMRI_", "SLURM_", "OMPI_"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=fake_devices_flags(devices), JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([repo_root, os.path.join(repo_root, "tests")]), **extra)
   return env
 

@@ -15,6 +15,7 @@ import pytest
 
 from synthmri_jax.models.quantizer import (STATS, VectorQuantizer, code_statistics, lookup_codes,
                                            nearest_codes)
+from conftest import fake_devices_flags
 
 
 def _brute_force(z, e):
@@ -310,7 +311,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_jit_matches_single_device(repo_root):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "XLA_FLAGS": fake_devices_flags(4),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_root}
   res = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=repo_root,
                        capture_output=True, text=True, timeout=300)
