@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # alone outgrow a chip (the 1 mm tokenizer); XLA's SPMD partitioner exchanges the convolutions' halos.
 # It sits next to 'tensor', the innermost axis, so its frequent halo exchanges take the nearest links.
 MESH_AXES = ("data", "fsdp", "spatial", "tensor")
+BATCH_AXES = ("data", "fsdp")   # the axes a global batch is split over
 
 # Logical name -> mesh axis (or axes, or None = replicated).
 LOGICAL_AXIS_RULES = (
@@ -182,8 +183,13 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over ('data', 'fsdp'); the tensor axis holds replicas."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """Leading (batch) dimension split over BATCH_AXES ('data', 'fsdp'); the other axes hold replicas."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """How many shards a global batch is split into: a global batch must be a multiple of this."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

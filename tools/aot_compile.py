@@ -142,10 +142,6 @@ def _key_spec(mesh) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(mesh))
 
 
-def batch_shards(mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in loader.BATCH_AXES]))
-
-
 # ------------------------------------------------------------------------------ programs
 
 
@@ -253,7 +249,7 @@ def programs(config, mesh, tokenizer_mesh=None) -> list[Program]:
   """Every jitted program of the pipeline for `config` on `mesh` (the tokenizer's train steps on
   `tokenizer_mesh`, its stage's own mesh, if given), in pipeline order."""
   out: list[Program] = []
-  shards = batch_shards(mesh)
+  shards = mesh_lib.batch_shards(mesh)
   channels = len([s for s in str(config.data.sequences).split(",") if s.strip()])
   labels = [s.strip() for s in str(config.data.labels).split(",") if s.strip()]
   with_masks = bool(config.data.get("embedded", {}).get("lesions", False))
@@ -564,7 +560,7 @@ def run(config_path: str, topology: str, overrides: list[str], find: bool, only:
   rows, searches = [], []
   for p in progs:
     m = p.mesh if p.mesh is not None else mesh
-    shards, spatial = batch_shards(m), int(m.shape["spatial"])   # a volume split over `spatial` chips
+    shards, spatial = mesh_lib.batch_shards(m), int(m.shape["spatial"])   # a volume split over `spatial` chips
     try:
       row = ({"program": p.name, "kind": p.kind, "global_batch": p.batch, "lowered_flops": lowered_flops(p, tgt, p.batch)}
              if lowered_only else measure(p, tgt, p.batch, shards * spatial, effort))

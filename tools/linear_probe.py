@@ -18,7 +18,6 @@ interval (unit: test scans). Prints one line per probe; --out writes them as JSO
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any

@@ -58,7 +58,7 @@ def run(config_path: str, overrides: list[str], steps: int, per_chip_batch: int,
   mesh = mesh_lib.mesh_from_config(config)
   rows = []
   for prog in aot.programs(config, mesh, mesh_lib.mesh_from_config(config, stage="tokenizer")):
-    shards = aot.batch_shards(prog.mesh if prog.mesh is not None else mesh)
+    shards = mesh_lib.batch_shards(prog.mesh if prog.mesh is not None else mesh)
     if only and not any(o.strip() and o.strip() in prog.name for o in only.split(",")):
       continue
     batch = per_chip_batch * shards if per_chip_batch > 0 else prog.batch

@@ -57,14 +57,14 @@ import grain
 import jax
 import numpy as np
 import scipy.stats
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from synthmri_jax.data.augment import Augment
+from synthmri_jax.sharding import BATCH_AXES, batch_sharding, batch_shards
 from synthmri_jax.data.cache import PreparedCohort
 from synthmri_jax.utils import io
 
 Element = dict[str, np.ndarray]
-BATCH_AXES = ("data", "fsdp")
 _SEX_CODES = {"f": 0, "female": 0, "0": 0, "m": 1, "male": 1, "1": 1}
 _SHUFFLE_TAG, _AUGMENT_TAG, _POISSON_TAG = 0, 1, 2
 
@@ -447,14 +447,9 @@ def poisson_train_iterator(source: Source, expected_batch_size: int, seed: int, 
 # ---------------------------------------------------------------- global arrays
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dimension over ('data', 'fsdp'), the rest replicated (mesh.LOGICAL_AXIS_RULES 'batch')."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
 def round_up(n: int, mesh: Mesh) -> int:
   """n rounded up to a multiple of the batch axes' shard count (a global batch must divide evenly)."""
-  k = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  k = batch_shards(mesh)
   return -(-int(n) // k) * k
 
 
@@ -464,7 +459,7 @@ def make_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
   Every process must call this with its own batch of the same shape at the same step.
   """
   sharding = batch_sharding(mesh)
-  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  shards = batch_shards(mesh)
   out = {}
   for key, local in batch.items():
     local = np.asarray(local)
@@ -485,7 +480,7 @@ def global_batches(iterator: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "ArraySource", "Augment", "BATCH_AXES", "CohortSource", "PoissonSampling", "Source", "batch_sharding",
+    "ArraySource", "Augment", "CohortSource", "PoissonSampling", "Source",
     "eval_dataset", "eval_iterator", "eval_num_batches", "global_batches", "make_global_batch",
     "per_host_batch_size", "poisson_max_batch_size", "poisson_train_dataset", "poisson_train_iterator", "round_up",
     "steps_per_epoch", "train_dataset", "train_iterator",

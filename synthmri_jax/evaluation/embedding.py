@@ -290,7 +290,7 @@ def train_encoder(config, workdir: str, *, log: Callable[[str], None] = print,
   if config.get("mesh", None) is not None:
     c.mesh = config.mesh
   mesh = mesh if mesh is not None else mesh_lib.mesh_from_config(c)
-  shards = int(np.prod([mesh.shape[a] for a in loader.BATCH_AXES]))
+  shards = mesh_lib.batch_shards(mesh)
   batch = max(shards, batch // shards * shards)
   it = loader.train_iterator(source, batch, seed=int(c.train.seed), augment=views)
   log(f"privacy encoder: contrastive training on {len(source)} scans ({', '.join(splits)}), batch {batch}, "

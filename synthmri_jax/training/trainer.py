@@ -194,7 +194,7 @@ def train_iterator(config, source: loader_lib.Source, global_batch_size: int, se
   if workdir is None:
     raise ValueError("config.train.dp.enabled: trainer.train_iterator needs the run's workdir, whose secret "
                      "seeds the Poisson sampler (a config seed would make the batches public)")
-  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in loader_lib.BATCH_AXES]))
+  shards = 1 if mesh is None else mesh_lib.batch_shards(mesh)
   return loader_lib.poisson_train_iterator(
       source, global_batch_size, dp_secret.load_or_create(workdir).sampling_seed,
       max_batch_size=int(cfg.dp.max_batch_size),
