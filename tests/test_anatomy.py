@@ -93,3 +93,52 @@ def test_measures_see_the_simulated_disease_and_the_codec_check_sees_blur(simula
   b = codec_check.check(vols, blurred, idx, affine, ["CN", "AD"], "AD", "CN", n_boot=200)
   assert b["psnr_db"] < 40
   assert b["measures"]["ventricle_ml"]["ratio"] < 0.75 and not b["measures"]["ventricle_ml"]["preserved"]
+
+
+def test_measures_read_the_t1w_channel_wherever_it_is():
+  """A T2w-first cohort is measured on its T1w channel: the same numbers as the T1w scans alone. Read
+  off the T2w channel (bright CSF) the ventricle measure would be far off; without T1w, none applies."""
+  cfg = dict(num_subjects=6, spacing_mm=4.5, ad_fraction=0.5, ad_effect=1.0, age_range=(55.0, 90.0),
+             lesions=False, lesion_fraction=1.0, vary_storage=False, seed=0)
+  spec = embedded.CohortSpec.of(cfg, ["T2w", "T1w"])
+  vols, affine = [], None
+  for i, lab in enumerate(embedded.cohort_labels(spec)):
+    images, _, affine = embedded.simulate_subject(spec, embedded.draw_subject(spec, i, lab))
+    vols.append(np.stack([images[s] / np.percentile(images[s][images[s] > 0], 99.5) for s in ("T2w", "T1w")], -1))
+  vols = np.stack(vols).astype(np.float32)
+  channel = anatomy.measured_channel(["T2w", "T1w"])
+  assert channel == 1
+  assert anatomy.measured_channel(["T2w", "FLAIR"]) is None
+  on_t1w = anatomy.measure_volumes(vols, affine, channel)
+  alone = anatomy.measure_volumes(vols[..., 1:], affine)
+  for m in anatomy.MEASURES:
+    np.testing.assert_array_equal(on_t1w[m], alone[m])
+  on_t2w = anatomy.measure_volumes(vols, affine, 0)
+  assert np.all(np.abs(on_t2w["ventricle_ml"] - alone["ventricle_ml"]) > 0.5 * alone["ventricle_ml"]), (on_t2w, alone)
+
+
+def test_a_cohort_without_t1w_gets_no_anatomy_numbers_and_the_report_says_why(tmp_path):
+  import json
+  import os
+
+  import ml_collections
+  import pandas as pd
+
+  from synthmri_jax.evaluation import clinical
+  from synthmri_jax.pipeline.report import sections
+  from synthmri_jax.pipeline.report.inputs import Inputs
+  from synthmri_jax.pipeline.report.document import NOT_RUN
+  from synthmri_jax.utils import io
+
+  root = tmp_path / "data"
+  root.mkdir()
+  pd.DataFrame([dict(participant_id="01", session_id="", label="CN", label_index=0, age=70.0, sex="F", split="test",
+                     image="cache/sub-01.npy", mask="")]).to_csv(root / "cohort.tsv", sep="\t", index=False)
+  io.write_json_atomic(str(root / "prepared.json"), dict(shape=[8, 8, 8], channels=["T2w", "FLAIR"], labels=["CN", "AD"],
+                                                         complete=True, config_hash="test", spacing_mm=4.5,
+                                                         affine=np.eye(4).tolist()))
+  out = clinical.run(ml_collections.ConfigDict(), str(tmp_path), synthetic=None, log=lambda m: None)
+  assert "T1w" in out["skipped"] and "'T2w', 'FLAIR'" in out["skipped"] and "by_label" not in out
+  assert json.load(open(os.path.join(tmp_path, "evaluation", clinical.FILE))) == out
+  sec = sections.anatomy_section(Inputs(str(tmp_path)))
+  assert sec.status == NOT_RUN and "T1w contrast" in " ".join(map(str, sec.blocks))

@@ -31,6 +31,17 @@ from synthmri_jax.data.rois import measure_rois
 
 MEASURES = ("ventricle_ml", "hippocampus_intensity")
 UNITS = {"ventricle_ml": "mL", "hippocampus_intensity": "relative to white matter"}
+SEQUENCE = "T1w"   # the measures read T1 contrast: dark CSF, grey matter darker than white
+
+
+def measured_channel(channels: Sequence[str]) -> int | None:
+  """Index of the T1w channel among a cohort's sequences (None: the ROI measures do not apply).
+
+  In T2w CSF is bright, so the ventricle measure would count the wrong voxels; a cohort listed
+  FLAIR-first must still be measured on its T1w.
+  """
+  channels = list(channels)
+  return channels.index(SEQUENCE) if SEQUENCE in channels else None
 
 
 def measure_volumes(volumes: Iterable[np.ndarray], affine: np.ndarray, channel: int = 0) -> dict[str, np.ndarray]:

@@ -87,11 +87,11 @@ def round_trip_cohort(codec, prepared: PreparedCohort, split: str, folder: str, 
 
 def check(before: np.ndarray, after: np.ndarray, labels: np.ndarray, affine: np.ndarray, label_names: Sequence[str],
           case: str, control: str, *, tolerance: float = 0.25, n_boot: int = 2000, alpha: float = 0.05,
-          seed: int = 0) -> dict[str, Any]:
-  """Per ROI measure: the paired label effect before and after the round trip (anatomy.paired_effect),
-  plus the round trip's PSNR (dB, data range 1) over all scans."""
+          seed: int = 0, channel: int = 0) -> dict[str, Any]:
+  """Per ROI measure of channel `channel`: the paired label effect before and after the round trip
+  (anatomy.paired_effect), plus the round trip's PSNR (dB, data range 1) over all scans and channels."""
   names = np.asarray([label_names[int(i)] for i in labels])
-  mb, ma = anatomy.measure_volumes(before, affine), anatomy.measure_volumes(after, affine)
+  mb, ma = anatomy.measure_volumes(before, affine, channel), anatomy.measure_volumes(after, affine, channel)
   mse = np.mean((np.asarray(after, np.float64) - np.asarray(before, np.float64)) ** 2, axis=tuple(range(1, before.ndim)))
   out: dict[str, Any] = {"n_scans": int(len(labels)), "case": case, "control": control, "tolerance": float(tolerance),
                          "psnr_db": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12)))), "measures": {}}
@@ -105,12 +105,12 @@ def check(before: np.ndarray, after: np.ndarray, labels: np.ndarray, affine: np.
 
 def run(codec, prepared: PreparedCohort, splits: Sequence[str], case: str, control: str, *,
         batch_size: int = 8, tolerance: float = 0.25, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        channel: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
   """round_trip + check, with the codec's description and the wall time."""
   t0 = time.time()
   rt = round_trip(codec, prepared, splits, batch_size, log)
   out = check(rt["before"], rt["after"], rt["labels"], prepared.affine, prepared.labels, case, control,
-              tolerance=tolerance, n_boot=n_boot, alpha=alpha, seed=seed)
+              tolerance=tolerance, n_boot=n_boot, alpha=alpha, seed=seed, channel=channel)
   if "mask_before" in rt:   # the mask channel through the same round trip: what SEG_synthetic can learn from
     out["mask_dice"] = mask_dice(rt, n_boot=n_boot, alpha=alpha, seed=seed)
     log(f"codec check: mask channel Dice after encode -> decode {out['mask_dice']['mean']:.3f}")

@@ -42,8 +42,9 @@ def answer_grid(config, inp: Inputs, figs: Figures) -> Optional[Image]:
       if i == 0:
         ax.set_title(name, fontsize=7, color="#1f4e9a" if name.startswith("real") else "#a33c00")
   path = figs.save(fig, "answer_grid")
+  seq = f", {prepared.channels[0]}" if len(prepared.channels) > 1 else ""   # the first sequence of several
   return Image(path, "Axial (top) and coronal (bottom) mid slices: real training scans and synthetic scans per "
-                     "class, one grey scale")
+                     f"class{seq}, one grey scale")
 
 
 

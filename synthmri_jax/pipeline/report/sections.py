@@ -123,6 +123,8 @@ def anatomy_section(inp: Inputs) -> Section:
   an = inp.anatomy
   if not an:
     return not_run(title, "no evaluation/anatomy.json; the `evaluate` stage has not run (evaluate.anatomy.enabled)")
+  if an.get("skipped"):
+    return not_run(title, an["skipped"])
   sec = Section(title)
   case, control = an["case"], an["control"]
   names = {"ventricle_ml": "lateral-ventricle CSF", "hippocampus_intensity": "hippocampal signal"}
