@@ -117,6 +117,15 @@ def _mtimes(workdir):
   return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in os.listdir(d)}
 
 
+@pytest.mark.parametrize("sequences", ["T1w,mask", "T1w,T1w"])
+def test_a_sequence_named_mask_or_given_twice_is_refused_before_anything_is_written(config, tmp_path, sequences):
+  config.data.sequences = sequences
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ValueError, match="names must be distinct, and 'mask' is the lesion mask's"):
+    prepare.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "data"))
+
+
 def test_resume_after_a_crash_redoes_only_the_missing_scans(config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   real = ingest.process_row

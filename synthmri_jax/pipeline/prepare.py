@@ -130,6 +130,9 @@ def _prepare(config, workdir: str) -> dict[str, Any]:
   sequences, labels = cohort.as_list(d.sequences), cohort.as_list(d.labels)
   if not sequences or not labels:
     raise ValueError("data.sequences and data.labels must each name at least one entry")
+  if len(set(sequences)) != len(sequences) or "mask" in (s.lower() for s in sequences):
+    raise ValueError(f"data.sequences={sequences}: names must be distinct, and 'mask' is the lesion mask's "
+                     "(its mask_path column, the tokenizer's mask channel, sub-*_mask.nii.gz): rename that sequence")
   shape = tuple(int(s) for s in d.shape)
   fractions = cohort.split_fractions(d.split_fractions)
 
