@@ -76,7 +76,6 @@ def train_cfg(**kw):
 
 
 PRED = "v_prediction"
-MEMORISE_STEPS = 100   # fine-tuning steps on the 8 members (test_loss_attack_finds_...)
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +411,7 @@ def test_loss_attack_finds_a_tiny_ldm_that_memorised_8_latents(trained, tmp_path
   model, schedule = trained["model"], trained["schedule"]
   task = LDMTask(model, schedule, PRED, dropout_each=0.0, dropout_all=0.0)
   it = loader.train_iterator(loader.ArraySource(members), 8, seed=0)
-  state = trainer.train(task, train_cfg(steps=MEMORISE_STEPS, warmup_steps=5), str(tmp_path / "memorise"), it,
+  state = trainer.train(task, train_cfg(steps=100, warmup_steps=5), str(tmp_path / "memorise"), it,
                         init_from=trained["checkpoints"])
   apply = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
   cond = lambda d: {k: d[k] for k in ("label", "age", "sex")}

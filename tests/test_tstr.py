@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthmri_jax.latents import LatentCodec
-
 from synthmri_jax.data import loader, nifti
+from synthmri_jax.latents import LatentCodec
 from synthmri_jax.pipeline import evaluate as evaluate_stage
 from synthmri_jax.pipeline import prepare
 from synthmri_jax.data.cache import load_prepared
